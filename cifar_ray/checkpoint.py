@@ -1,0 +1,113 @@
+"""The self-describing checkpoint: one folder that is all serving and evaluation need.
+
+    <checkpoint>/
+      model.keras     Keras native format: architecture, weights, optimizer state.
+                      The model normalizes its own input (see models.py).
+      metadata.json   format version, model name, class names, input shape,
+                      normalization constants, full training config, epoch, metrics,
+                      per-epoch history, data source and sizes, library versions.
+
+Models load with Keras `safe_mode=True`: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.keras"
+METADATA_FILE = "metadata.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete, corrupt or from an incompatible version."""
+
+
+def library_versions() -> dict:
+    import keras
+    import ray
+    import tensorflow as tf
+
+    return {"ray": ray.__version__, "tensorflow": tf.__version__, "keras": keras.__version__}
+
+
+def make_metadata(cfg, info, *, epoch: int, metrics: dict, history: list[dict]) -> dict:
+    """Everything a reader needs besides the weights. `cfg` is a Config, `info` a DataInfo."""
+    from cifar_ray.config import CLASS_NAMES, IMAGE_SHAPE
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": cfg.model.model,
+        "class_names": list(CLASS_NAMES),
+        "input_shape": list(IMAGE_SHAPE),
+        "input_dtype": "uint8 RGB, 0-255, HWC",
+        "normalization": {"mean": list(info.mean), "std": list(info.std)},
+        "config": cfg.to_dict(),
+        "data": asdict(info),
+        "epoch": epoch,
+        "metrics": metrics,
+        "history": history,
+        "versions": library_versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def save_checkpoint(directory: str | Path, model, metadata: dict) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save(directory / MODEL_FILE)
+    (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+
+
+def read_metadata(directory: str | Path) -> dict:
+    path = Path(directory) / METADATA_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: not a cifar-ray checkpoint (no {METADATA_FILE})")
+    try:
+        metadata = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt metadata ({e})") from None
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{directory}: checkpoint format version {version!r}; "
+                              f"this cifar-ray reads version {FORMAT_VERSION}")
+    return metadata
+
+
+def load_checkpoint(directory: str | Path, compile: bool = True):
+    """Load (model, metadata) from a local checkpoint folder, with Keras safe_mode."""
+    import keras
+
+    metadata = read_metadata(directory)
+    model_path = Path(directory) / MODEL_FILE
+    if not model_path.is_file():
+        raise CheckpointError(f"{directory}: {MODEL_FILE} is missing")
+    try:
+        model = keras.models.load_model(model_path, compile=compile, safe_mode=True)
+    except Exception as e:  # Keras raises many types for a damaged archive
+        raise CheckpointError(f"{model_path}: cannot be loaded ({type(e).__name__}: {e})") from None
+    return model, metadata
+
+
+@contextmanager
+def local_checkpoint(path_or_uri: str) -> Iterator[Path]:
+    """A local folder with the checkpoint's files: the path itself, or a download of a URI."""
+    if "://" not in path_or_uri:
+        if not Path(path_or_uri).is_dir():
+            raise CheckpointError(f"{path_or_uri}: no such checkpoint folder")
+        yield Path(path_or_uri)
+        return
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="cifar-ray-ckpt-") as tmp:
+        try:
+            Checkpoint(path_or_uri).to_directory(tmp)
+        except Exception as e:
+            raise CheckpointError(f"{path_or_uri}: cannot be fetched ({e})") from None
+        yield Path(tmp)

@@ -1,0 +1,258 @@
+"""Ray Data pipeline: sources -> decoded uint8 images -> seeded split -> augmentation.
+
+Every source yields the same schema: `image` (uint8, 32x32x3, HWC) and `label` (int64,
+CIFAR-10 class order). Images stay uint8 all the way to the model, which normalizes
+them itself (models.py), so the constants computed here travel inside the checkpoint.
+
+The batch functions at the bottom are pure numpy and vectorized over the batch; they run
+in Ray Data `map_batches` tasks and draw new random numbers every epoch.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cifar_ray.config import CLASS_NAMES, IMAGE_SHAPE, DataConfig
+
+NUM_CLASSES = len(CLASS_NAMES)
+IMAGE_EXTENSIONS = ["png", "jpg", "jpeg"]
+
+
+class DataSourceError(ValueError):
+    """A problem with the user's data, reported as one line, never a traceback."""
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What the model needs to know about its data; stored in every checkpoint."""
+
+    source: str
+    num_train: int
+    num_val: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+# ---------------------------------------------------------------------------------------
+# Sources
+# ---------------------------------------------------------------------------------------
+
+def read_source(spec: str, *, split: str = "train", synthetic_size: int = 2000, seed: int = 0):
+    """Open a data source by name or path as a Ray Dataset of decoded images.
+
+    `split` only matters for `cifar10`, the one source that ships a test split.
+    """
+    if spec == "cifar10":
+        return _read_keras_cifar10(split)
+    if spec == "synthetic":
+        return _read_synthetic(synthetic_size, seed=seed + (0 if split == "train" else 1))
+    check_source(spec)
+    if "://" in spec or _contains_parquet(Path(spec)):
+        return _read_parquet(spec)
+    return _read_image_folder(spec)
+
+
+def check_source(spec: str) -> None:
+    """Reject a local --data path that does not exist, before any Ray work starts."""
+    if spec not in ("cifar10", "synthetic") and "://" not in spec and not os.path.exists(spec):
+        raise DataSourceError(
+            f"--data {spec}: no such file or folder (expected 'cifar10', 'synthetic', "
+            "a Parquet folder or an image folder)")
+
+
+def _contains_parquet(path: Path) -> bool:
+    return path.suffix == ".parquet" or any(path.rglob("*.parquet"))
+
+
+def _read_parquet(uri: str):
+    import ray.data
+
+    ds = ray.data.read_parquet(uri).select_columns(["image", "label"])
+    return ds.map_batches(decode_batch, batch_format="numpy")
+
+
+def _read_image_folder(root: str):
+    import ray.data
+
+    ds = ray.data.read_binary_files(root, include_paths=True, file_extensions=IMAGE_EXTENSIONS)
+    return ds.map_batches(label_from_folder, batch_format="numpy").map_batches(
+        decode_batch, batch_format="numpy")
+
+
+def _read_keras_cifar10(split: str):
+    import keras
+    import pyarrow as pa
+    import ray.data
+    from ray.data.extensions import ArrowTensorArray
+
+    try:
+        (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
+    except Exception as e:  # network errors come in many types
+        raise DataSourceError(
+            f"--data cifar10: could not download the Keras CIFAR-10 archive ({type(e).__name__}); "
+            "pass --data PATH to a Parquet folder or image folder instead") from None
+    x, y = (x_train, y_train) if split == "train" else (x_test, y_test)
+    table = pa.table({"image": ArrowTensorArray.from_numpy(x), "label": y.reshape(-1).astype("int64")})
+    return ray.data.from_arrow(table).repartition(8)
+
+
+def _read_synthetic(n: int, seed: int):
+    """A small learnable data set: each class is a distinct colour plus noise."""
+    import ray.data
+
+    return ray.data.range(n, override_num_blocks=max(1, min(8, n // 256))).map_batches(
+        make_synthetic_batch, batch_format="numpy", fn_kwargs={"seed": seed})
+
+
+def make_synthetic_batch(batch: dict, seed: int) -> dict:
+    ids = batch["id"].astype(np.int64)
+    labels = ids % NUM_CLASSES
+    palette = np.random.default_rng(1234).uniform(30, 225, size=(NUM_CLASSES, 3))
+    noise = np.stack([np.random.default_rng([seed, int(i)]).normal(0, 25, IMAGE_SHAPE) for i in ids])
+    images = np.clip(palette[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8)
+    return {"image": images, "label": labels}
+
+
+# ---------------------------------------------------------------------------------------
+# Decoding
+# ---------------------------------------------------------------------------------------
+
+def decode_batch(batch: dict) -> dict:
+    """Encoded PNG/JPEG bytes -> uint8 HWC images; labels checked against the classes."""
+    images = np.stack([decode_image(b) for b in batch["image"]])
+    labels = np.asarray(batch["label"], dtype=np.int64)
+    bad = (labels < 0) | (labels >= NUM_CLASSES)
+    if bad.any():
+        raise DataSourceError(f"label {labels[bad][0]} is out of range 0..{NUM_CLASSES - 1}")
+    return {"image": images, "label": labels}
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.size != IMAGE_SHAPE[:2]:
+                raise DataSourceError(f"image is {img.size[0]}x{img.size[1]}, expected 32x32")
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataSourceError(f"undecodable image ({e})") from None
+
+
+def label_from_folder(batch: dict) -> dict:
+    """`<root>/<class_name>/x.png` -> label index of class_name."""
+    names = [Path(p).parent.name for p in batch["path"]]
+    unknown = sorted(set(names) - set(CLASS_NAMES))
+    if unknown:
+        raise DataSourceError(f"image folder has unknown class folder(s) {unknown}; "
+                              f"expected names from {', '.join(CLASS_NAMES)}")
+    return {"image": batch["bytes"], "label": np.array([CLASS_NAMES.index(n) for n in names])}
+
+
+# ---------------------------------------------------------------------------------------
+# Split and normalization
+# ---------------------------------------------------------------------------------------
+
+def load_training_data(cfg: DataConfig, seed: int):
+    """Read, decode and split the training source. Returns (train, val, DataInfo).
+
+    Both splits are materialized in the object store: decoding happens once, and the
+    Ray Train workers never wait on reads competing with them for CPUs.
+    """
+    ds = read_source(cfg.data, split="train", synthetic_size=cfg.synthetic_size, seed=seed)
+    train, val = ds.train_test_split(test_size=cfg.val_fraction, shuffle=True, seed=seed)
+    if train.count() == 0 or val.count() == 0:
+        raise DataSourceError(f"--data {cfg.data}: too few images for a train/validation split")
+    if cfg.limit:
+        train = train.limit(cfg.limit).materialize()
+    mean, std = compute_normalization(train)
+    info = DataInfo(source=cfg.data, num_train=train.count(), num_val=val.count(),
+                    mean=tuple(mean), std=tuple(std))
+    return train, val, info
+
+
+def compute_normalization(ds) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of pixel values scaled to [0, 1]."""
+    total = np.zeros(3)
+    total_sq = np.zeros(3)
+    count = 0
+    for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
+        pixels = batch["image"].reshape(-1, 3).astype(np.float64) / 255.0
+        total += pixels.sum(0)
+        total_sq += (pixels ** 2).sum(0)
+        count += len(pixels)
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 1e-12))
+    return mean.round(6), std.round(6)
+
+
+def add_augmentation(ds, mode: str):
+    """Lazily augment `ds`: every pass over it (every epoch) draws new transforms."""
+    if mode == "none":
+        return ds
+    return ds.map_batches(augment_batch, batch_format="numpy", fn_kwargs={"mode": mode},
+                          batch_size=512, num_cpus=0.25)
+
+
+# ---------------------------------------------------------------------------------------
+# Augmentation: pure numpy, vectorized over the batch
+# ---------------------------------------------------------------------------------------
+
+def augment_batch(batch: dict, mode: str, rng: np.random.Generator | None = None) -> dict:
+    rng = rng or np.random.default_rng()
+    augment = {"crop_flip": crop_flip, "notebook": notebook_augment}[mode]
+    return {**batch, "image": augment(batch["image"], rng)}
+
+
+def crop_flip(images: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray:
+    """Reflect-pad by `pad`, take a random 32x32 crop, flip half the images."""
+    n, h, w, _ = images.shape
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    top = rng.integers(0, 2 * pad + 1, n)
+    left = rng.integers(0, 2 * pad + 1, n)
+    rows = top[:, None] + np.arange(h)
+    cols = left[:, None] + np.arange(w)
+    flip = rng.random(n) < 0.5
+    cols = np.where(flip[:, None], cols[:, ::-1], cols)
+    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def notebook_augment(images: np.ndarray, rng: np.random.Generator, rotation: float = 15.0,
+                     shift: float = 0.1, zoom: float = 0.0) -> np.ndarray:
+    """The notebook's ImageDataGenerator: rotation, shifts, horizontal flip, optional zoom.
+
+    Bilinear sampling with edge pixels repeated outside the image (Keras' fill_mode
+    'nearest'), as one vectorized affine warp over the whole batch.
+    """
+    n, h, w, _ = images.shape
+    angle = np.deg2rad(rng.uniform(-rotation, rotation, n))[:, None, None]
+    shift_y = (rng.uniform(-shift, shift, n) * h)[:, None, None]
+    shift_x = (rng.uniform(-shift, shift, n) * w)[:, None, None]
+    scale = rng.uniform(1 - zoom, 1 + zoom, n)[:, None, None]
+    flip = (rng.random(n) < 0.5)[:, None, None]
+
+    cy, cx = (h - 1) / 2, (w - 1) / 2
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    y, x = y - cy, np.where(flip, cx - x, x - cx)  # flipping = mirroring the sample grid
+    src_y = (np.cos(angle) * y - np.sin(angle) * x) * scale + cy - shift_y
+    src_x = (np.sin(angle) * y + np.cos(angle) * x) * scale + cx - shift_x
+    return _bilinear_sample(images, src_y, src_x)
+
+
+def _bilinear_sample(images: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    n, h, w, _ = images.shape
+    y = np.clip(y, 0, h - 1)
+    x = np.clip(x, 0, w - 1)
+    y0, x0 = np.floor(y).astype(int), np.floor(x).astype(int)
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    wy, wx = (y - y0)[..., None], (x - x0)[..., None]
+    b = np.arange(n)[:, None, None]
+    img = images.astype(np.float32)
+    top = img[b, y0, x0] * (1 - wx) + img[b, y0, x1] * wx
+    bottom = img[b, y1, x0] * (1 - wx) + img[b, y1, x1] * wx
+    return np.rint(top * (1 - wy) + bottom * wy).astype(np.uint8)

@@ -1,0 +1,325 @@
+"""Distributed data-parallel training of a CIFAR-10 Keras model with Ray Train.
+
+    python -m cifar_ray.train                                   # local Ray, Keras CIFAR-10
+    python -m cifar_ray.train --data ../shared/data/cifar10/train --num-workers 2 --epochs 2
+    ray job submit --working-dir . -- python -m cifar_ray.train --num-workers 4 --use-gpu
+
+The driver reads, decodes and splits the data once with Ray Data, then a TensorflowTrainer
+runs `train_loop_per_worker` on every worker under MultiWorkerMirroredStrategy. Each epoch
+every worker streams its shard of freshly augmented images, and rank 0 reports metrics
+and a self-describing checkpoint. Rerunning with the same --name resumes from the latest
+checkpoint; a dead worker restarts the group from it (up to --max-failures).
+
+A run folder <storage-path>/<name>/ ends with summary.json, history.csv, curves.png and
+the Ray Train checkpoints (the best --keep-checkpoints by validation accuracy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import tempfile
+import time
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+
+import keras
+
+from cifar_ray.config import Config, add_config_flags, config_from_args
+from cifar_ray.data import DataInfo, check_source
+
+SCORE_METRIC = "val_accuracy"
+
+
+# ---------------------------------------------------------------------------------------
+# On each worker
+# ---------------------------------------------------------------------------------------
+
+def train_loop_per_worker(loop_config: dict) -> keras.Model:
+    """Build or restore the model, fit it on this worker's shard, return it."""
+    import ray.train
+    import tensorflow as tf
+
+    from cifar_ray.compat import patch_keras_multi_worker
+
+    cfg = Config.from_dict(loop_config["config"])
+    info = DataInfo(**loop_config["data_info"])
+    configure_tensorflow(loop_config["threads"])
+    patch_keras_multi_worker()
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+
+    steps_per_epoch = max(1, info.num_train // cfg.train.batch_size)
+    with strategy.scope():
+        model, history = restore_or_build_model(cfg, info, ray.train.get_checkpoint(), steps_per_epoch)
+
+    model.fit(
+        make_tf_dataset(ray.train.get_dataset_shard("train"), cfg.train.batch_size, training=True),
+        validation_data=make_tf_dataset(ray.train.get_dataset_shard("val"), cfg.train.batch_size),
+        epochs=cfg.train.epochs,
+        initial_epoch=len(history),
+        callbacks=[ReportEpoch(cfg, info, history)],
+        verbose=0,
+    )
+    return model
+
+
+def configure_tensorflow(threads: int) -> None:
+    """One TF thread pool sized to the worker's CPUs: the default oversubscribes cores."""
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")  # one INFO line per collective op otherwise
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
+def restore_or_build_model(cfg: Config, info: DataInfo, checkpoint, steps_per_epoch: int):
+    """(model, history so far): from the latest checkpoint when resuming, else fresh."""
+    from cifar_ray.checkpoint import load_checkpoint
+    from cifar_ray.models import build_model, build_optimizer
+
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            model, metadata = load_checkpoint(directory)
+        return model, metadata["history"]
+
+    keras.utils.set_random_seed(cfg.train.seed)
+    model = build_model(cfg.model.model, info.mean, info.std)
+    model.compile(
+        optimizer=build_optimizer(cfg.train, steps_per_epoch),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model, []
+
+
+def make_tf_dataset(shard, global_batch_size: int, training: bool = False):
+    """A worker's Ray Data shard as a tf.data.Dataset of (uint8 images, labels).
+
+    Batches hold the *global* batch size: under MultiWorkerMirroredStrategy Keras rebatches
+    each into global_batch_size / num_workers per worker and step, and every worker reads
+    its whole shard. `to_tf` turns TF's auto-sharding off, so no example is dropped.
+    """
+    return shard.to_tf(
+        feature_columns="image",
+        label_columns="label",
+        batch_size=global_batch_size,
+        drop_last=training,
+        local_shuffle_buffer_size=4 * global_batch_size if training else None,
+    )
+
+
+class ReportEpoch(keras.callbacks.Callback):
+    """After each epoch, report metrics and a checkpoint to Ray Train."""
+
+    def __init__(self, cfg: Config, info: DataInfo, history: list[dict]):
+        super().__init__()
+        self.cfg, self.info, self.history = cfg, info, history
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        import ray.train
+
+        from cifar_ray.checkpoint import make_metadata, save_checkpoint
+
+        seconds = time.perf_counter() - self.epoch_start
+        metrics = {
+            "epoch": epoch + 1,
+            **{k: float(v) for k, v in logs.items() if k != "learning_rate"},
+            "lr": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
+            "epoch_time_s": round(seconds, 3),
+            "images_per_s": round(self.info.num_train / seconds, 1),
+        }
+        self.history.append(metrics)
+        context = ray.train.get_context()
+        is_chief = context.get_world_rank() == 0
+        if is_chief:
+            print(format_epoch(metrics, self.cfg.train.epochs), flush=True)
+        # Every worker saves (saving may need collectives), only rank 0's copy is kept.
+        with tempfile.TemporaryDirectory() as directory:
+            metadata = make_metadata(self.cfg, self.info, epoch=epoch + 1, metrics=metrics,
+                                     history=self.history)
+            save_checkpoint(directory, self.model, metadata)
+            checkpoint = ray.train.Checkpoint.from_directory(directory) if is_chief else None
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
+
+
+def format_epoch(m: dict, epochs: int) -> str:
+    return (f"epoch {m['epoch']}/{epochs}  loss {m['loss']:.4f}  acc {m['accuracy']:.4f}  "
+            f"val_loss {m['val_loss']:.4f}  val_acc {m['val_accuracy']:.4f}  "
+            f"lr {m['lr']:.2e}  {m['epoch_time_s']:.1f}s  {m['images_per_s']:.0f} img/s")
+
+
+# ---------------------------------------------------------------------------------------
+# On the driver
+# ---------------------------------------------------------------------------------------
+
+def plan_resources(cfg: Config, cluster_cpus: float) -> tuple[float, int]:
+    """(CPUs reserved per worker, TF threads per worker).
+
+    Ray Data's augmentation tasks need CPUs the workers have not reserved, or streaming
+    waits forever; so by default the workers share what is left after --data-cpus.
+    """
+    s = cfg.scaling
+    cpus = s.cpus_per_worker or (cluster_cpus - s.data_cpus) / s.num_workers
+    if cpus <= 0 or s.num_workers * cpus > cluster_cpus - min(s.data_cpus, 0.25):
+        raise ValueError(
+            f"{s.num_workers} workers x {cpus:g} CPUs leaves too little of the cluster's "
+            f"{cluster_cpus:g} CPUs for Ray Data; lower --num-workers or --cpus-per-worker")
+    return round(cpus, 3), max(1, math.ceil(cpus - 0.25))
+
+
+def run(cfg: Config, train_loop=train_loop_per_worker) -> dict:
+    """Train as configured; return the run's summary (also written to summary.json)."""
+    import ray
+    import ray.train
+    from ray.train.tensorflow import TensorflowTrainer
+
+    from cifar_ray.data import add_augmentation, load_training_data
+
+    name = cfg.run.name or datetime.now().strftime("train-%Y%m%d-%H%M%S")
+    cfg = cfg.with_overrides({"name": name, "storage_path": absolute_storage_path(cfg.run.storage_path)})
+    check_storage_writable(cfg.run.storage_path)
+    cpus_per_worker, threads = plan_resources(cfg, ray.cluster_resources().get("CPU", 1))
+
+    started = time.perf_counter()
+    train, val, info = load_training_data(cfg.data, seed=cfg.train.seed)
+    print(f"data: {info.num_train} training / {info.num_val} validation images from {info.source}", flush=True)
+
+    trainer = TensorflowTrainer(
+        train_loop,
+        train_loop_config={"config": cfg.to_dict(), "data_info": asdict(info), "threads": threads},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=cfg.run.storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.run.keep_checkpoints,
+                checkpoint_score_attribute=SCORE_METRIC,
+                checkpoint_score_order="max",
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+        ),
+        datasets={"train": add_augmentation(train, cfg.data.augment), "val": val},
+    )
+    result = trainer.fit()
+    return write_run_outputs(cfg, result, wall_time_s=time.perf_counter() - started)
+
+
+def absolute_storage_path(path: str) -> str:
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def check_storage_writable(storage_path: str) -> None:
+    """Fail before training, not after an hour, when results could not be saved."""
+    import pyarrow.fs
+
+    probe = f"{storage_path.rstrip('/')}/.cifar-ray-write-test"
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(probe)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path) as out:
+            out.write(b"ok")
+        fs.delete_file(path)
+    except Exception as e:
+        raise PermissionError(f"--storage-path {storage_path} is not writable ({e})") from None
+
+
+def write_run_outputs(cfg: Config, result, wall_time_s: float) -> dict:
+    """summary.json, history.csv and curves.png next to the checkpoints."""
+    from cifar_ray.checkpoint import local_checkpoint, read_metadata
+
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {cfg.run.name} reported no checkpoint")
+    with local_checkpoint(result.checkpoint.path) as latest:
+        history = read_metadata(latest)["history"]
+    best_checkpoint = result.get_best_checkpoint(SCORE_METRIC, "max") or result.checkpoint
+    best = max(history, key=lambda m: m[SCORE_METRIC])
+    summary = {
+        "run": cfg.run.name,
+        "run_dir": result.path,
+        "best_checkpoint": best_checkpoint.path,
+        "best_epoch": best["epoch"],
+        "best_val_accuracy": best["val_accuracy"],
+        "best_val_loss": best["val_loss"],
+        "epochs": len(history),
+        "wall_time_s": round(wall_time_s, 1),
+        "train_images_per_s": round(sum(m["images_per_s"] for m in history) / len(history), 1),
+        "config": cfg.to_dict(),
+    }
+    write_file(result.path, "summary.json", json.dumps(summary, indent=2).encode())
+    write_file(result.path, "history.csv", history_csv(history).encode())
+    write_file(result.path, "curves.png", plot_curves(history, title=f"{cfg.model.model} · {cfg.run.name}"))
+    return summary
+
+
+def history_csv(history: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    return out.getvalue()
+
+
+def plot_curves(history: list[dict], title: str) -> bytes:
+    """The notebook's two plots, accuracy and loss, train vs validation, as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [m["epoch"] for m in history]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key in zip(axes, ("accuracy", "loss")):
+        ax.plot(epochs, [m[key] for m in history], "o-", label="train")
+        ax.plot(epochs, [m[f"val_{key}"] for m in history], "o-", label="validation")
+        ax.set(xlabel="epoch", ylabel=key, title=key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_file(directory: str, name: str, data: bytes) -> None:
+    """Write into a local folder or a URI (s3://, gs://) alike."""
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(f"{directory.rstrip('/')}/{name}")
+    with fs.open_output_stream(path) as out:
+        out.write(data)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from cifar_ray.cli import init_ray, run_cli
+
+    parser = argparse.ArgumentParser(prog="python -m cifar_ray.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(parser, ("data", "model", "train", "scaling", "run"))
+    args = parser.parse_args(argv)
+
+    def train() -> None:
+        cfg = config_from_args(args)
+        check_source(cfg.data.data)
+        init_ray()
+        summary = run(cfg)
+        print(f"best val_accuracy {summary['best_val_accuracy']:.4f} (epoch {summary['best_epoch']})")
+        print(f"run folder: {summary['run_dir']}")
+
+    run_cli(train)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Shared fixtures: one local Ray for the whole session, and tiny data made in code."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cifar_ray.config import CLASS_NAMES
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local 2-CPU Ray for every test that needs it; its address for subprocesses."""
+    import ray
+
+    context = ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield context.address_info["address"]
+    ray.shutdown()
+
+
+def make_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable tiny images: each class a colour, plus noise (like data.make_synthetic_batch)."""
+    from cifar_ray.data import make_synthetic_batch
+
+    batch = make_synthetic_batch({"id": np.arange(n)}, seed=seed)
+    return batch["image"], batch["label"]
+
+
+def encode(image: np.ndarray, fmt: str = "PNG") -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_parquet_folder(root: Path, images: np.ndarray, labels: np.ndarray, fmt: str = "PNG",
+                         parts: int = 2) -> Path:
+    """A Parquet folder in the shared data's schema: image (encoded bytes), label (int64)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root.mkdir(parents=True, exist_ok=True)
+    for i, idx in enumerate(np.array_split(np.arange(len(labels)), parts)):
+        table = pa.table({"image": [encode(images[j], fmt) for j in idx],
+                          "label": pa.array(labels[idx], pa.int64())})
+        pq.write_table(table, root / f"part-{i:03d}.parquet")
+    return root
+
+
+def write_image_folder(root: Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    for i, (image, label) in enumerate(zip(images, labels)):
+        folder = root / CLASS_NAMES[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i:05d}.png").write_bytes(encode(image))
+    return root
+
+
+@pytest.fixture
+def subprocess_env(ray_cluster) -> dict:
+    """Environment for a CLI subprocess that joins the test session's Ray cluster."""
+    root = Path(__file__).resolve().parents[1]
+    return {**os.environ, "RAY_ADDRESS": ray_cluster,
+            "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+def saving_weights_loop(weights_dir: str):
+    """The real per-worker loop, then each worker saves the weights it ended with."""
+    from cifar_ray.train import train_loop_per_worker
+
+    def loop(loop_config):
+        import ray.train
+
+        model = train_loop_per_worker(loop_config)
+        rank = ray.train.get_context().get_world_rank()
+        np.savez(Path(weights_dir) / f"rank{rank}.npz", *model.get_weights())
+
+    return loop
+
+
+@pytest.fixture(scope="session")
+def two_worker_run(ray_cluster, tmp_path_factory):
+    """One 2-epoch, 2-worker training run on tiny synthetic data, shared by many tests."""
+    from cifar_ray.config import PRESETS
+    from cifar_ray.train import run
+
+    root = tmp_path_factory.mktemp("train")
+    cfg = PRESETS["smoke"].with_overrides({
+        "num_workers": 2, "storage_path": str(root / "runs"), "name": "two-workers",
+        "synthetic_size": 400, "val_fraction": 0.2, "epochs": 2})
+    summary = run(cfg, train_loop=saving_weights_loop(str(root)))
+    return cfg, summary, root

@@ -1,0 +1,95 @@
+"""Data: augmentation (pure numpy) and the Ray Data sources, decode and split."""
+
+import numpy as np
+import pytest
+
+from conftest import encode, make_images, write_image_folder, write_parquet_folder
+from cifar_ray.config import DataConfig
+from cifar_ray.data import (DataSourceError, augment_batch, crop_flip, decode_batch,
+                            load_training_data, notebook_augment, read_source)
+
+
+@pytest.fixture
+def images():
+    return make_images(16, seed=3)[0]
+
+
+def test_crop_flip_outputs_are_crops_of_the_padded_image(images):
+    out = crop_flip(images, np.random.default_rng(0))
+    assert out.shape == images.shape and out.dtype == np.uint8
+    padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)), mode="reflect")
+    for i in range(len(images)):
+        candidates = [c for top in range(9) for left in range(9)
+                      for c in (padded[i, top:top + 32, left:left + 32],
+                                padded[i, top:top + 32, left:left + 32][:, ::-1])]
+        assert any(np.array_equal(out[i], c) for c in candidates)
+
+
+def test_notebook_augment_without_geometry_only_flips(images):
+    out = notebook_augment(images, np.random.default_rng(0), rotation=0, shift=0, zoom=0)
+    for original, result in zip(images, out):
+        assert np.array_equal(result, original) or np.array_equal(result, original[:, ::-1])
+    assert not np.array_equal(out, images)  # some of 16 images were flipped
+
+
+@pytest.mark.parametrize("mode", ["crop_flip", "notebook"])
+def test_augmentation_changes_pixels_keeps_labels_and_differs_each_draw(images, mode):
+    labels = np.arange(len(images))
+    first = augment_batch({"image": images, "label": labels}, mode)
+    second = augment_batch({"image": images, "label": labels}, mode)
+    assert np.array_equal(first["label"], labels)
+    assert np.mean(first["image"] != images) > 0.3
+    assert not np.array_equal(first["image"], second["image"])
+
+
+def test_decode_rejects_bad_rows():
+    image = make_images(1)[0][0]
+    with pytest.raises(DataSourceError, match="out of range"):
+        decode_batch({"image": [encode(image)], "label": np.array([10])})
+    with pytest.raises(DataSourceError, match="undecodable"):
+        decode_batch({"image": [b"not an image"], "label": np.array([1])})
+    with pytest.raises(DataSourceError, match="expected 32x32"):
+        decode_batch({"image": [encode(np.zeros((31, 32, 3), np.uint8))], "label": np.array([1])})
+
+
+def test_missing_path_is_a_clear_error(tmp_path):
+    with pytest.raises(DataSourceError, match="no such file or folder"):
+        read_source(str(tmp_path / "missing"))
+
+
+def test_sources_share_one_schema_and_lossless_pixels(ray_cluster, tmp_path):
+    images, labels = make_images(40)
+    sources = {
+        "synthetic": "synthetic",
+        "parquet": str(write_parquet_folder(tmp_path / "pq", images, labels)),
+        "folder": str(write_image_folder(tmp_path / "img", images, labels)),
+    }
+    for name, spec in sources.items():
+        batch = read_source(spec, synthetic_size=40).take_batch(40, batch_format="numpy")
+        assert batch["image"].shape == (40, 32, 32, 3), name
+        assert batch["image"].dtype == np.uint8 and batch["label"].dtype == np.int64, name
+        if name != "synthetic":  # PNG is lossless: the very pixels come back, with their labels
+            got = {encode(img): lab for img, lab in zip(batch["image"], batch["label"])}
+            assert got == {encode(img): lab for img, lab in zip(images, labels)}, name
+
+
+def test_split_is_disjoint_complete_and_seeded(ray_cluster):
+    cfg = DataConfig(data="synthetic", synthetic_size=200, val_fraction=0.2)
+
+    def split(seed):
+        train, val, info = load_training_data(cfg, seed=seed)
+        keys = lambda ds: {encode(x) for x in ds.take_batch(1000)["image"]}  # noqa: E731
+        return keys(train), keys(val), info
+
+    train, val, info = split(seed=0)
+    assert not train & val and len(train | val) == 200
+    assert (info.num_train, info.num_val) == (160, 40)
+    assert split(seed=0)[1] == val
+    assert split(seed=1)[1] != val
+    assert all(0 < m < 1 for m in info.mean) and all(0 < s < 1 for s in info.std)
+
+
+def test_limit_caps_training_images_only(ray_cluster):
+    train, val, info = load_training_data(DataConfig(data="synthetic", synthetic_size=200,
+                                                     val_fraction=0.1, limit=50), seed=0)
+    assert (train.count(), val.count(), info.num_train) == (50, 20, 50)
