@@ -111,3 +111,15 @@ def local_checkpoint(path_or_uri: str) -> Iterator[Path]:
         except Exception as e:
             raise CheckpointError(f"{path_or_uri}: cannot be fetched ({e})") from None
         yield Path(tmp)
+
+
+def write_file(directory: str, name: str, data: bytes) -> None:
+    """Write into a local folder or a URI (s3://, gs://) alike, creating the folder."""
+    import pyarrow.fs
+
+    if "://" not in directory:
+        directory = str(Path(directory).resolve())
+    fs, path = pyarrow.fs.FileSystem.from_uri(directory)
+    fs.create_dir(path, recursive=True)
+    with fs.open_output_stream(f"{path.rstrip('/')}/{name}") as out:
+        out.write(data)

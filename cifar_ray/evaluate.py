@@ -1,21 +1,27 @@
-"""Evaluate a checkpoint on any data source, as a Ray Data batch job.
+"""Evaluate a checkpoint on any data source, as a Ray Data batch job, and audit it.
 
     python -m cifar_ray.evaluate --checkpoint runs/NAME/epoch_0020 --data ../shared/data/cifar10/train
     python -m cifar_ray.evaluate --checkpoint s3://bucket/runs/NAME/epoch_0020 --data cifar10 --out report/
 
-A pool of model actors predicts every row of --data (for `cifar10`, the test split);
-the driver turns the predictions into metrics and prints them as JSON.
+A pool of model actors predicts every row of --data (for `cifar10`, its test split); the
+driver turns the predictions into metrics and prints them as JSON. With --out it also
+writes the audit: metrics.json, confusion_matrix.png, per_class.png, reliability.png,
+errors.png and MODEL_CARD.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
+import itertools
 import json
-from pathlib import Path
 
 import numpy as np
 
-from cifar_ray.checkpoint import load_checkpoint, local_checkpoint
+from cifar_ray import report
+from cifar_ray.checkpoint import load_checkpoint, local_checkpoint, read_metadata, write_file
+
+ERRORS_SHOWN = 16
 
 
 class Predictor:
@@ -26,47 +32,87 @@ class Predictor:
             self.model, self.metadata = load_checkpoint(directory, compile=False)
 
     def __call__(self, batch: dict) -> dict:
-        probabilities = self.model.predict_on_batch(batch["image"])
-        return {"label": batch["label"], "probabilities": np.asarray(probabilities, np.float32)}
+        probabilities = np.asarray(self.model.predict_on_batch(batch["image"]), np.float32)
+        return {**batch, "probabilities": probabilities}
 
 
 def predict_dataset(ds, checkpoint: str, num_actors: int = 1, batch_size: int = 512):
-    """Lazily map a dataset of images to (label, probabilities) rows."""
+    """Lazily add a `probabilities` column to a dataset of images and labels."""
     return ds.map_batches(Predictor, fn_constructor_kwargs={"checkpoint": checkpoint},
                           concurrency=num_actors, batch_size=batch_size, batch_format="numpy")
 
 
-def collect_predictions(ds) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, probabilities) of a predicted dataset, gathered on the driver."""
-    labels, probabilities = [], []
+def collect_predictions(ds, errors_kept: int = ERRORS_SHOWN):
+    """(labels, probabilities, most confident errors) of a predicted dataset.
+
+    Only labels and probabilities are kept for every row; images only for the running
+    top `errors_kept` confidently wrong predictions.
+    """
+    labels, probabilities, worst = [], [], []
+    order = itertools.count()  # breaks confidence ties without comparing dicts
     for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
         labels.append(batch["label"])
         probabilities.append(batch["probabilities"])
+        predicted = batch["probabilities"].argmax(1)
+        confidence = batch["probabilities"].max(1)
+        for i in np.flatnonzero(predicted != batch["label"]):
+            item = (float(confidence[i]), next(order),
+                    {"image": batch["image"][i], "label": int(batch["label"][i]),
+                     "predicted": int(predicted[i]), "confidence": float(confidence[i])})
+            heapq.heappush(worst, item)
+            if len(worst) > errors_kept:
+                heapq.heappop(worst)
     if not labels:
         raise ValueError("the evaluation data has no rows")
-    return np.concatenate(labels), np.concatenate(probabilities)
+    errors = [e for _, _, e in sorted(worst, key=lambda t: -t[0])]
+    return np.concatenate(labels), np.concatenate(probabilities), errors
 
 
-def compute_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict:
-    eps = 1e-7
-    true_class_p = probabilities[np.arange(len(labels)), labels]
-    return {
-        "examples": int(len(labels)),
-        "accuracy": float(np.mean(probabilities.argmax(1) == labels)),
-        "loss": float(np.mean(-np.log(np.clip(true_class_p, eps, 1.0)))),
-    }
+def evaluate_dataset(ds, checkpoint: str, data: dict, outs: tuple[str, ...] = (),
+                     num_actors: int = 1) -> dict:
+    """Metrics of `checkpoint` on `ds`; the full audit is written into each folder of `outs`.
+
+    `data` describes what `ds` is, for the model card: {"source": ..., "split": ...}.
+    """
+    with local_checkpoint(checkpoint) as directory:
+        metadata = read_metadata(directory)
+    labels, probabilities, errors = collect_predictions(predict_dataset(ds, checkpoint, num_actors))
+    class_names = metadata["class_names"]
+    metrics = report.compute_metrics(labels, probabilities, class_names)
+    result = {"checkpoint": checkpoint, "data": data, **metrics}
+    if outs:
+        files = {
+            "metrics.json": json.dumps(result, indent=2).encode(),
+            "confusion_matrix.png": report.plot_confusion_matrix(metrics, class_names),
+            "per_class.png": report.plot_per_class_accuracy(metrics, class_names),
+            "reliability.png": report.plot_reliability(labels, probabilities, metrics["ece"]),
+            "errors.png": report.plot_errors(errors, class_names),
+            "MODEL_CARD.md": report.model_card(metrics, metadata, checkpoint, data).encode(),
+        }
+        for out in outs:
+            for name, content in files.items():
+                write_file(out, name, content)
+    return result
 
 
-def evaluate(checkpoint: str, data: str, num_actors: int = 1) -> dict:
+def evaluate(checkpoint: str, data: str, out: str | None = None, num_actors: int = 1) -> dict:
     from cifar_ray.cli import init_ray
-    from cifar_ray.data import read_source
+    from cifar_ray.data import check_source, read_source
 
     with local_checkpoint(checkpoint) as directory:  # fail fast, before starting Ray
         load_checkpoint(directory, compile=False)
+    check_source(data)
     init_ray()
-    ds = read_source(data, split="test")
-    labels, probabilities = collect_predictions(predict_dataset(ds, checkpoint, num_actors))
-    return {"checkpoint": checkpoint, "data": data, **compute_metrics(labels, probabilities)}
+    split = "CIFAR-10 test split" if data == "cifar10" else "all rows"
+    return evaluate_dataset(read_source(data, split="test"), checkpoint,
+                            {"source": data, "split": split}, (out,) if out else (), num_actors)
+
+
+def summary_line(metrics: dict) -> dict:
+    """The headline numbers printed to stdout (metrics.json has everything)."""
+    keys = ("checkpoint", "data", "examples", "accuracy", "loss", "top5_accuracy",
+            "mean_class_accuracy", "worst_class", "worst_class_accuracy", "ece")
+    return {k: metrics[k] for k in keys}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,18 +123,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder or URI")
     parser.add_argument("--data", required=True,
                         help="'cifar10' (its test split), 'synthetic', a Parquet folder/URI or an image folder")
-    parser.add_argument("--out", help="also write metrics.json into this folder")
+    parser.add_argument("--out", help="write the metrics, figures and MODEL_CARD.md into this folder or URI")
     parser.add_argument("--num-actors", type=int, default=1, help="model replicas predicting in parallel")
     args = parser.parse_args(argv)
-
-    def run() -> None:
-        metrics = evaluate(args.checkpoint, args.data, args.num_actors)
-        if args.out:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        print(json.dumps(metrics, indent=2))
-
-    run_cli(run)
+    run_cli(lambda: print(json.dumps(summary_line(evaluate(args.checkpoint, args.data, args.out,
+                                                             args.num_actors)), indent=2)))
 
 
 if __name__ == "__main__":

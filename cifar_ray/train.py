@@ -212,7 +212,21 @@ def run(cfg: Config, train_loop=train_loop_per_worker) -> dict:
         datasets={"train": add_augmentation(train, cfg.data.augment), "val": val},
     )
     result = trainer.fit()
-    return write_run_outputs(cfg, result, wall_time_s=time.perf_counter() - started)
+    summary = write_run_outputs(cfg, result, wall_time_s=time.perf_counter() - started)
+    audit_best_checkpoint(summary, val, info)
+    return summary
+
+
+def audit_best_checkpoint(summary: dict, val, info: DataInfo) -> None:
+    """Evaluate the best checkpoint on the validation split: metrics, figures, MODEL_CARD.md.
+
+    Written into the run folder and into the checkpoint itself, so the model carries it.
+    """
+    from cifar_ray.evaluate import evaluate_dataset
+
+    data = {"source": info.source, "split": f"validation split, {info.num_val} images"}
+    evaluate_dataset(val, summary["best_checkpoint"], data,
+                     outs=(summary["run_dir"], summary["best_checkpoint"]))
 
 
 def absolute_storage_path(path: str) -> str:
@@ -236,7 +250,7 @@ def check_storage_writable(storage_path: str) -> None:
 
 def write_run_outputs(cfg: Config, result, wall_time_s: float) -> dict:
     """summary.json, history.csv and curves.png next to the checkpoints."""
-    from cifar_ray.checkpoint import local_checkpoint, read_metadata
+    from cifar_ray.checkpoint import local_checkpoint, read_metadata, write_file
 
     if result.checkpoint is None:
         raise RuntimeError(f"run {cfg.run.name} reported no checkpoint")
@@ -291,15 +305,6 @@ def plot_curves(history: list[dict], title: str) -> bytes:
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     return buffer.getvalue()
-
-
-def write_file(directory: str, name: str, data: bytes) -> None:
-    """Write into a local folder or a URI (s3://, gs://) alike."""
-    import pyarrow.fs
-
-    fs, path = pyarrow.fs.FileSystem.from_uri(f"{directory.rstrip('/')}/{name}")
-    with fs.open_output_stream(path) as out:
-        out.write(data)
 
 
 def main(argv: list[str] | None = None) -> None:

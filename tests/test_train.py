@@ -13,7 +13,8 @@ import pytest
 
 from cifar_ray.checkpoint import load_checkpoint, read_metadata
 from cifar_ray.data import load_training_data
-from cifar_ray.evaluate import collect_predictions, compute_metrics, predict_dataset
+from cifar_ray.evaluate import collect_predictions, predict_dataset
+from cifar_ray.report import compute_metrics
 from cifar_ray.train import run
 
 
@@ -39,8 +40,8 @@ def test_reported_validation_metrics_are_global(two_worker_run):
     cfg, summary, _ = two_worker_run
     last = Path(summary["run_dir"]) / "epoch_0002"
     _, val, _ = load_training_data(cfg.data, seed=cfg.train.seed)
-    labels, probabilities = collect_predictions(predict_dataset(val, str(last)))
-    metrics = compute_metrics(labels, probabilities)
+    labels, probabilities, _ = collect_predictions(predict_dataset(val, str(last)))
+    metrics = compute_metrics(labels, probabilities, read_metadata(last)["class_names"])
     reported = read_metadata(last)["metrics"]
     assert metrics["examples"] == 80
     assert reported["val_accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-6)
