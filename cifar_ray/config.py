@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -101,7 +100,7 @@ class Config:
         for key, value in overrides.items():
             section = _section_of(key)
             field_ = next(f for f in fields(SECTIONS[section]) if f.name == key)
-            by_section.setdefault(section, {})[key] = _coerce(field_, value)
+            by_section.setdefault(section, {})[key] = _coerce(SECTIONS[section], field_, value)
         return replace(self, **{s: replace(getattr(self, s), **kv) for s, kv in by_section.items()})
 
 
@@ -124,18 +123,15 @@ def _section_of(key: str) -> str:
     raise ValueError(f"unknown config key: {key!r}")
 
 
-def _base_type(tp: Any) -> type:
-    """The concrete type of a field annotation: Optional[int] -> int."""
-    if isinstance(tp, str):
-        tp = eval(tp, vars(typing))  # annotations are strings under `from __future__`
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
-        return args[0]
-    return tp
+def _base_type(section: type, name: str) -> type:
+    """The concrete type of a field: Optional[int] -> int."""
+    hint = typing.get_type_hints(section)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
 
 
-def _coerce(f: dataclasses.Field, value: Any) -> Any:
-    kind = _base_type(f.type)
+def _coerce(section: type, f: dataclasses.Field, value: Any) -> Any:
+    kind = _base_type(section, f.name)
     if value is None:
         return None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -153,7 +149,7 @@ def _section_from_dict(cls: type, d: dict) -> Any:
     unknown = set(d) - set(known)
     if unknown:
         raise ValueError(f"unknown key(s) in {cls.__name__}: {sorted(unknown)}")
-    return cls(**{k: _coerce(known[k], v) for k, v in d.items()})
+    return cls(**{k: _coerce(cls, known[k], v) for k, v in d.items()})
 
 
 def load_yaml(path: str | Path, base: Config) -> Config:
@@ -175,7 +171,7 @@ def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...])
         group = parser.add_argument_group(section)
         for f in fields(SECTIONS[section]):
             flag = "--" + f.name.replace("_", "-")
-            kind = _base_type(f.type)
+            kind = _base_type(SECTIONS[section], f.name)
             help_text = f"{f.metadata['help']} (default: {f.default})"
             if kind is bool:
                 group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,

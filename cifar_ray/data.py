@@ -20,6 +20,7 @@ import numpy as np
 from cifar_ray.config import CLASS_NAMES, IMAGE_SHAPE, DataConfig
 
 NUM_CLASSES = len(CLASS_NAMES)
+AUGMENT_TASK_CPUS = 0.25  # small tasks fit beside the training workers
 IMAGE_EXTENSIONS = ["png", "jpg", "jpeg"]
 
 
@@ -196,7 +197,7 @@ def add_augmentation(ds, mode: str):
     if mode == "none":
         return ds
     return ds.map_batches(augment_batch, batch_format="numpy", fn_kwargs={"mode": mode},
-                          batch_size=512, num_cpus=0.25)
+                          batch_size=512, num_cpus=AUGMENT_TASK_CPUS)
 
 
 # ---------------------------------------------------------------------------------------

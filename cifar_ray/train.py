@@ -21,6 +21,7 @@ import csv
 import io
 import json
 import math
+import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -30,7 +31,7 @@ from pathlib import Path
 import keras
 
 from cifar_ray.config import Config, add_config_flags, config_from_args
-from cifar_ray.data import DataInfo, check_source
+from cifar_ray.data import AUGMENT_TASK_CPUS, DataInfo, check_source
 
 SCORE_METRIC = "val_accuracy"
 
@@ -139,7 +140,9 @@ class ReportEpoch(keras.callbacks.Callback):
         context = ray.train.get_context()
         is_chief = context.get_world_rank() == 0
         if is_chief:
-            print(format_epoch(metrics, self.cfg.train.epochs), flush=True)
+            # Straight to the process's stdout, which Ray streams to the driver: Ray Train's
+            # patched print() would also log it, and the line would show twice.
+            print(format_epoch(metrics, self.cfg.train.epochs), file=sys.__stdout__, flush=True)
         # Every worker saves (saving may need collectives), only rank 0's copy is kept.
         with tempfile.TemporaryDirectory() as directory:
             metadata = make_metadata(self.cfg, self.info, epoch=epoch + 1, metrics=metrics,
@@ -164,13 +167,14 @@ def plan_resources(cfg: Config, cluster_cpus: float) -> tuple[float, int]:
 
     Ray Data's augmentation tasks need CPUs the workers have not reserved, or streaming
     waits forever; so by default the workers share what is left after --data-cpus.
+    Threads round fractional CPUs up (1.5 -> 2): augmentation needs little CPU time.
     """
     s = cfg.scaling
     cpus = s.cpus_per_worker or (cluster_cpus - s.data_cpus) / s.num_workers
-    if cpus <= 0 or s.num_workers * cpus > cluster_cpus - min(s.data_cpus, 0.25):
+    if cpus <= 0 or cluster_cpus - s.num_workers * cpus < AUGMENT_TASK_CPUS:
         raise ValueError(
-            f"{s.num_workers} workers x {cpus:g} CPUs leaves too little of the cluster's "
-            f"{cluster_cpus:g} CPUs for Ray Data; lower --num-workers or --cpus-per-worker")
+            f"{s.num_workers} workers x {cpus:g} CPUs leave under {AUGMENT_TASK_CPUS} of the "
+            f"cluster's {cluster_cpus:g} CPUs for Ray Data; lower --num-workers or --cpus-per-worker")
     return round(cpus, 3), max(1, math.ceil(cpus - 0.25))
 
 
@@ -290,6 +294,7 @@ def plot_curves(history: list[dict], title: str) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     epochs = [m["epoch"] for m in history]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -297,6 +302,7 @@ def plot_curves(history: list[dict], title: str) -> bytes:
         ax.plot(epochs, [m[key] for m in history], "o-", label="train")
         ax.plot(epochs, [m[f"val_{key}"] for m in history], "o-", label="validation")
         ax.set(xlabel="epoch", ylabel=key, title=key)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)

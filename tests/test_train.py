@@ -15,7 +15,8 @@ from cifar_ray.checkpoint import load_checkpoint, read_metadata
 from cifar_ray.data import load_training_data
 from cifar_ray.evaluate import collect_predictions, predict_dataset
 from cifar_ray.report import compute_metrics
-from cifar_ray.train import run
+from cifar_ray.config import PRESETS
+from cifar_ray.train import plan_resources, run
 
 
 def test_two_workers_beat_chance(two_worker_run):
@@ -78,3 +79,20 @@ def test_rerun_with_same_name_resumes_at_next_epoch(two_worker_run):
     assert after[:3] == before  # epochs 1-2 were not trained again
     assert after[3].split(",")[0] == "3"
     assert read_metadata(Path(summary["run_dir"]) / "epoch_0003")["epoch"] == 3
+
+
+@pytest.mark.parametrize("workers, cpus_per_worker, expected", [
+    (1, None, (1.5, 2)),   # one worker gets what --data-cpus leaves, as 2 TF threads
+    (2, None, (0.75, 1)),
+    (2, 0.5, (0.5, 1)),
+])
+def test_workers_leave_cpus_for_ray_data(workers, cpus_per_worker, expected):
+    cfg = PRESETS["smoke"].with_overrides({"num_workers": workers, "cpus_per_worker": cpus_per_worker})
+    assert plan_resources(cfg, cluster_cpus=2) == expected
+
+
+def test_reserving_every_cpu_for_workers_is_refused():
+    """2 workers x 1 CPU on 2 CPUs would starve Ray Data and hang: a clear error instead."""
+    cfg = PRESETS["smoke"].with_overrides({"num_workers": 2, "cpus_per_worker": 1.0})
+    with pytest.raises(ValueError, match="lower --num-workers or --cpus-per-worker"):
+        plan_resources(cfg, cluster_cpus=2)
