@@ -34,6 +34,14 @@ def classifier_head(x: keras.KerasTensor, num_classes: int) -> keras.KerasTensor
     return layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
 
 
+def notebook_head(x: keras.KerasTensor, num_classes: int) -> keras.KerasTensor:
+    """The notebooks' Flatten-Dense512-Dropout(0.5) top, then the classifier."""
+    x = layers.Flatten()(x)
+    x = layers.Dense(512, activation="relu")(x)
+    x = layers.Dropout(0.5)(x)
+    return classifier_head(x, num_classes)
+
+
 def notebook_cnn(mean, std, num_classes: int = len(CLASS_NAMES)) -> keras.Model:
     inputs, x = normalized_input(mean, std)
     for width in (32, 64):
@@ -41,10 +49,7 @@ def notebook_cnn(mean, std, num_classes: int = len(CLASS_NAMES)) -> keras.Model:
         x = layers.Conv2D(width, 3, padding="same", activation="relu")(x)
         x = layers.MaxPooling2D()(x)
         x = layers.Dropout(0.25)(x)
-    x = layers.Flatten()(x)
-    x = layers.Dense(512, activation="relu")(x)
-    x = layers.Dropout(0.5)(x)
-    return keras.Model(inputs, classifier_head(x, num_classes), name="notebook_cnn")
+    return keras.Model(inputs, notebook_head(x, num_classes), name="notebook_cnn")
 
 
 def shallow_cnn(mean, std, num_classes: int = len(CLASS_NAMES)) -> keras.Model:
@@ -52,10 +57,7 @@ def shallow_cnn(mean, std, num_classes: int = len(CLASS_NAMES)) -> keras.Model:
     x = layers.Conv2D(32, 3, padding="same", activation="relu")(x)
     x = layers.MaxPooling2D()(x)
     x = layers.Dropout(0.25)(x)
-    x = layers.Flatten()(x)
-    x = layers.Dense(512, activation="relu")(x)
-    x = layers.Dropout(0.5)(x)
-    return keras.Model(inputs, classifier_head(x, num_classes), name="shallow_cnn")
+    return keras.Model(inputs, notebook_head(x, num_classes), name="shallow_cnn")
 
 
 MODELS: dict[str, Callable[..., keras.Model]] = {
