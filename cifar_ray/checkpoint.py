@@ -123,3 +123,14 @@ def write_file(directory: str, name: str, data: bytes) -> None:
     fs.create_dir(path, recursive=True)
     with fs.open_output_stream(f"{path.rstrip('/')}/{name}") as out:
         out.write(data)
+
+
+def copy_checkpoint(source: str, destination: str) -> None:
+    """Replace `destination` (folder or URI) with a copy of the checkpoint at `source`."""
+    import pyarrow.fs
+
+    source, destination = (p if "://" in p else str(Path(p).resolve()) for p in (source, destination))
+    fs, path = pyarrow.fs.FileSystem.from_uri(destination)
+    fs.delete_dir_contents(path, missing_dir_ok=True)
+    fs.create_dir(path, recursive=True)
+    pyarrow.fs.copy_files(source, destination)

@@ -76,12 +76,22 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    checkpoint: str = _f("./runs/best", "checkpoint folder or URI to serve (env CIFAR_RAY_CHECKPOINT wins)")
+    max_batch_size: int = _f(16, "requests batched into one model call (1 disables batching)")
+    batch_wait_timeout_s: float = _f(0.005, "longest wait for a batch to fill (seconds)")
+    max_body_bytes: int = _f(1_000_000, "largest request body accepted (larger: 413)")
+    top_k: int = _f(3, "class probabilities returned per image, unless ?top_k= says otherwise")
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -133,16 +133,34 @@ def decode_batch(batch: dict) -> dict:
     return {"image": images, "label": labels}
 
 
-def decode_image(data: bytes) -> np.ndarray:
+MAX_IMAGE_PIXELS = 4096 * 4096  # larger headers are refused before decoding (bombs)
+
+
+def decode_image(data: bytes, resize: bool = False) -> np.ndarray:
+    """PNG/JPEG/... bytes -> uint8 32x32x3 RGB. Grayscale and RGBA become RGB.
+
+    Training data must already be 32x32; serving (`resize=True`) scales other sizes down.
+    The size is read from the header first, so a decompression bomb is never decoded.
+    """
     from PIL import Image, UnidentifiedImageError
 
+    if not data:
+        raise DataSourceError("empty image")
     try:
         with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise DataSourceError(f"image is {width}x{height}, over the {MAX_IMAGE_PIXELS} pixel limit")
+            if (width, height) != IMAGE_SHAPE[:2] and not resize:
+                raise DataSourceError(f"image is {width}x{height}, expected 32x32")
+            img = img.convert("RGB")
             if img.size != IMAGE_SHAPE[:2]:
-                raise DataSourceError(f"image is {img.size[0]}x{img.size[1]}, expected 32x32")
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataSourceError(f"undecodable image ({e})") from None
+                img = img.resize(IMAGE_SHAPE[:2], Image.Resampling.BILINEAR)
+            return np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as e:
+        if isinstance(e, DataSourceError):
+            raise
+        raise DataSourceError(f"undecodable image ({type(e).__name__}: {e})") from None
 
 
 def label_from_folder(batch: dict) -> dict:

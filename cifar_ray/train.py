@@ -218,7 +218,17 @@ def run(cfg: Config, train_loop=train_loop_per_worker) -> dict:
     result = trainer.fit()
     summary = write_run_outputs(cfg, result, wall_time_s=time.perf_counter() - started)
     audit_best_checkpoint(summary, val, info)
+    export_best(summary["best_checkpoint"], cfg.run.storage_path)
     return summary
+
+
+def export_best(checkpoint: str, storage_path: str) -> None:
+    """Copy the run's best checkpoint to <storage-path>/best, where Serve looks by default."""
+    from cifar_ray.checkpoint import copy_checkpoint
+
+    destination = f"{storage_path.rstrip('/')}/best"
+    copy_checkpoint(checkpoint, destination)
+    print(f"exported the best checkpoint to {destination}", flush=True)
 
 
 def audit_best_checkpoint(summary: dict, val, info: DataInfo) -> None:

@@ -1,0 +1,258 @@
+"""Online predictions: a Ray Serve deployment with a FastAPI ingress.
+
+    serve run serve_config.yaml                                    # the checkpoint in ./runs/best
+    CIFAR_RAY_CHECKPOINT=runs/NAME/epoch_0010 serve run serve_config.yaml
+    python -m cifar_ray.serve --checkpoint runs/best               # the same, without the YAML
+    curl -F file=@cat.png localhost:8000/predict
+
+Endpoints (OpenAPI docs at /docs):
+    POST /predict        an image: multipart upload (field `file`) or raw bytes (image/*)
+    POST /predict/json   {"image": HxWx3 nested lists of 0-255} or {"images": [...]}
+    GET  /healthz        200 once the model is loaded and warmed up, else 503 and why
+    GET  /metadata       class names, model, training metrics, data source, model card
+
+Concurrent requests share one model call through `@serve.batch`; `user_config` in
+serve_config.yaml sets the batch size and wait live (`reconfigure`). Bad input gets a 4xx
+JSON error and never takes the replica down.
+"""
+
+
+import argparse
+import json
+import logging
+import os
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Query, Request
+from ray import serve
+
+from cifar_ray.config import IMAGE_SHAPE, ServeConfig, add_config_flags, config_from_args
+
+logger = logging.getLogger("ray.serve")
+CHECKPOINT_ENV = "CIFAR_RAY_CHECKPOINT"
+IMAGE_TYPES = ("image/", "application/octet-stream")
+
+api = FastAPI(title="cifar-ray", description="CIFAR-10 image classification")
+
+
+# Helpers stand above the deployment: serve.ingress captures the module's names
+# when the class is defined.
+def reject_constant(name: str) -> None:
+    raise ValueError(f"non-finite number {name}")
+
+
+def pixels_to_batch(images: Any) -> np.ndarray:
+    """Nested lists of 0-255 HWC pixels -> uint8 batch, or a 422 saying what is wrong."""
+    if not isinstance(images, list) or not images:
+        raise HTTPException(422, "expected a non-empty list of images")
+    if len(images) > 256:
+        raise HTTPException(413, "at most 256 images per request")
+    try:
+        array = np.asarray(images, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise HTTPException(422, "pixels must be numbers in equally sized nested lists") from None
+    if array.shape[1:] != IMAGE_SHAPE:
+        raise HTTPException(422, f"each image must be {IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]}x{IMAGE_SHAPE[2]} "
+                                 f"(HWC), got {list(array.shape[1:])}")
+    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 255:
+        raise HTTPException(422, "pixels must be finite numbers from 0 to 255")
+    return np.rint(array).astype(np.uint8)
+
+
+@serve.deployment(name="Classifier")
+@serve.ingress(api)
+class Classifier:
+    def __init__(self, cfg: dict):
+        self.cfg = ServeConfig(**cfg)
+        self.model = None
+        self.metadata: dict = {}
+        self.audit: dict | None = None
+        self.not_ready_reason = "loading"
+        try:
+            self._load(self.cfg.checkpoint)
+        except Exception as e:
+            # Stay up and say why on /healthz: a replica that raised here would be
+            # restarted forever, and the reason would scroll away in the logs.
+            self.not_ready_reason = f"cannot load checkpoint {self.cfg.checkpoint}: {e}"
+            logger.error(self.not_ready_reason)
+
+    def _load(self, checkpoint: str) -> None:
+        import tensorflow as tf
+
+        from cifar_ray.checkpoint import load_checkpoint, local_checkpoint
+
+        with local_checkpoint(checkpoint) as directory:
+            model, self.metadata = load_checkpoint(directory, compile=False)
+            audit = directory / "metrics.json"  # written by training's audit (evaluate.py)
+            self.audit = json.loads(audit.read_text()) if audit.is_file() else None
+        self.model_version = "/".join(checkpoint.rstrip("/").split("/")[-2:])
+        self.forward = tf.function(lambda x: model(x, training=False),
+                                   input_signature=[tf.TensorSpec([None, *IMAGE_SHAPE], tf.float32)])
+        self.forward(np.zeros((1, *IMAGE_SHAPE), np.float32))  # trace and warm up
+        self.model = model
+        self.not_ready_reason = ""
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Batching knobs from serve_config.yaml's user_config, applied without a restart."""
+        if "max_batch_size" in user_config:
+            self.predict_batch.set_max_batch_size(int(user_config["max_batch_size"]))
+        if "batch_wait_timeout_s" in user_config:
+            self.predict_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def predict_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """One model call for all images of all concurrent requests."""
+        counts = [len(x) for x in images]
+        probabilities = self.forward(np.concatenate(images).astype(np.float32)).numpy()
+        return np.split(probabilities, np.cumsum(counts)[:-1])
+
+    # --- HTTP endpoints -----------------------------------------------------------------
+
+    @api.post("/predict")
+    async def predict(self, request: Request, top_k: int | None = Query(None, ge=1, le=10)) -> dict:
+        """Classify one image, uploaded as multipart form field `file` or as raw bytes."""
+        self._require_ready()
+        image = await self._read_image(request)
+        return self._answer(await self.predict_batch(image[None]), top_k)[0]
+
+    @api.post("/predict/json")
+    async def predict_json(self, request: Request, top_k: int | None = Query(None, ge=1, le=10)) -> Any:
+        """Classify `{"image": HxWx3 lists}` (one answer) or `{"images": [...]}` (a list)."""
+        self._require_ready()
+        payload = await self._read_json(request)
+        if not isinstance(payload, dict) or len(payload.keys() & {"image", "images"}) != 1:
+            raise HTTPException(422, 'expected a JSON object with "image" or "images"')
+        batch = payload.get("images", [payload.get("image")] if "image" in payload else None)
+        images = pixels_to_batch(batch)
+        answers = self._answer(await self.predict_batch(images), top_k)
+        return answers[0] if "image" in payload else answers
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        if self.not_ready_reason:
+            raise HTTPException(503, self.not_ready_reason)
+        return {"status": "ok", "model": self.metadata["model"], "version": self.model_version}
+
+    @api.get("/metadata")
+    async def get_metadata(self) -> dict:
+        self._require_ready()
+        m = self.metadata
+        return {"model": m["model"], "version": self.model_version, "class_names": m["class_names"],
+                "input_shape": m["input_shape"], "epoch": m["epoch"], "training_metrics": m["metrics"],
+                "data": m["data"], "config": m["config"], "versions": m["versions"],
+                "evaluation": self.audit}
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _require_ready(self) -> None:
+        if self.not_ready_reason:
+            raise HTTPException(503, self.not_ready_reason)
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.cfg.max_body_bytes
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise HTTPException(413, f"body over the {limit}-byte limit")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise HTTPException(413, f"body over the {limit}-byte limit")
+        if not body:
+            raise HTTPException(400, "empty body")
+        return bytes(body)
+
+    async def _read_image(self, request: Request) -> np.ndarray:
+        from cifar_ray.data import DataSourceError, decode_image
+
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            data = await self._read_upload(request)
+        elif content_type.startswith(IMAGE_TYPES):
+            data = await self._read_body(request)
+        else:
+            raise HTTPException(415, f"unsupported content type {content_type or '(none)'!r}; send "
+                                "multipart/form-data, image/* or use /predict/json")
+        try:
+            return decode_image(data, resize=True)
+        except DataSourceError as e:
+            raise HTTPException(400, str(e)) from None
+
+    async def _read_upload(self, request: Request) -> bytes:
+        body = await self._read_body(request)  # enforces the size limit before parsing
+        from starlette.requests import Request as StarletteRequest
+
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await StarletteRequest(request.scope, receive).form()
+        except Exception as e:
+            raise HTTPException(400, f"malformed multipart body ({e})") from None
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise HTTPException(400, "multipart body has no file field named 'file'")
+        return await upload.read()
+
+    async def _read_json(self, request: Request) -> Any:
+        body = await self._read_body(request)
+        try:
+            return json.loads(body, parse_constant=reject_constant)
+        except (ValueError, RecursionError) as e:
+            raise HTTPException(400, f"invalid JSON ({type(e).__name__})") from None
+
+    def _answer(self, probabilities: np.ndarray, top_k: int | None) -> list[dict]:
+        names = self.metadata["class_names"]
+        k = top_k or self.cfg.top_k
+        answers = []
+        for p in probabilities:
+            ranked = np.argsort(-p)[:k]
+            answers.append({
+                "class_name": names[int(ranked[0])], "class_index": int(ranked[0]),
+                "top_k": [{"class_name": names[int(i)], "probability": float(p[i])} for i in ranked],
+                "model": self.metadata["model"], "version": self.model_version,
+            })
+        return answers
+
+
+def serve_config_from_args(args: dict) -> ServeConfig:
+    """Serve `args` (the ServeConfig field names) plus the CIFAR_RAY_CHECKPOINT override."""
+    from cifar_ray.config import Config
+
+    cfg = Config().with_overrides(args).serve
+    checkpoint = os.environ.get(CHECKPOINT_ENV) or cfg.checkpoint
+    if "://" not in checkpoint:
+        checkpoint = os.path.abspath(checkpoint)
+    return ServeConfig(**{**asdict(cfg), "checkpoint": checkpoint})
+
+
+def app(args: dict) -> serve.Application:
+    """The application builder that `serve run serve_config.yaml` imports."""
+    cfg = serve_config_from_args(args)
+    return Classifier.options(user_config={"max_batch_size": cfg.max_batch_size,
+                                           "batch_wait_timeout_s": cfg.batch_wait_timeout_s}
+                              ).bind(asdict(cfg))
+
+
+def main(argv: list[str] | None = None) -> None:
+    from cifar_ray.cli import init_ray, run_cli
+
+    parser = argparse.ArgumentParser(prog="python -m cifar_ray.serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(parser, ("serve",))
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    args = parser.parse_args(argv)
+
+    def run() -> None:
+        cfg = config_from_args(args).serve
+        init_ray()
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(app(asdict(cfg)), blocking=True)
+
+    run_cli(run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Serving: a real HTTP server on localhost (Ray Serve) over a checkpoint the tests trained."""
+
+import io
+import socket
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import yaml
+
+from conftest import encode, make_images
+from cifar_ray.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def endpoint(two_worker_run):
+    """The app from serve_config.yaml's builder, on a free loopback port, for this module."""
+    from ray import serve
+
+    from cifar_ray.serve import app
+
+    _, summary, _ = two_worker_run
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app({"checkpoint": summary["best_checkpoint"], "max_body_bytes": 200_000}),
+              name="cifar-test", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    requests.get(f"{url}/healthz", timeout=30).raise_for_status()
+    yield url, summary["best_checkpoint"]
+    serve.delete("cifar-test")
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model(endpoint):
+    return load_checkpoint(endpoint[1], compile=False)[0]
+
+
+def in_process(model, image: np.ndarray) -> np.ndarray:
+    return np.asarray(model(image[None].astype("float32"), training=False))[0]
+
+
+def test_png_upload_raw_jpeg_and_json_match_the_model_in_process(endpoint, model):
+    from PIL import Image
+
+    url, _ = endpoint
+    image = make_images(1, seed=5)[0][0]
+    png, jpeg = encode(image, "PNG"), encode(image, "JPEG")
+    jpeg_pixels = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+    cases = {
+        "png upload": (requests.post(f"{url}/predict?top_k=10", files={"file": ("x.png", png, "image/png")},
+                                     timeout=30), image),
+        "raw jpeg": (requests.post(f"{url}/predict?top_k=10", data=jpeg,
+                                   headers={"content-type": "image/jpeg"}, timeout=30), jpeg_pixels),
+        "json": (requests.post(f"{url}/predict/json?top_k=10", json={"image": image.tolist()}, timeout=30),
+                 image),
+    }
+    class_names = requests.get(f"{url}/metadata", timeout=30).json()["class_names"]
+    for name, (response, pixels) in cases.items():
+        assert response.status_code == 200, (name, response.text)
+        answer = response.json()
+        expected = in_process(model, pixels)
+        assert answer["class_index"] == int(expected.argmax()), name
+        got = {t["class_name"]: t["probability"] for t in answer["top_k"]}
+        np.testing.assert_allclose([got[c] for c in class_names], expected, atol=1e-5, err_msg=name)
+
+
+def test_json_batch_gets_one_answer_per_image(endpoint, model):
+    url, _ = endpoint
+    images = make_images(5, seed=6)[0]
+    response = requests.post(f"{url}/predict/json", json={"images": images.tolist()}, timeout=30)
+    assert response.status_code == 200, response.text
+    answers = response.json()
+    assert [a["class_index"] for a in answers] == [int(in_process(model, x).argmax()) for x in images]
+    assert all(len(a["top_k"]) == 3 for a in answers)  # the configured default
+
+
+def test_other_sizes_and_modes_are_converted(endpoint):
+    url, _ = endpoint
+    gray_64 = encode(np.full((64, 64), 128, np.uint8))  # grayscale, 64x64
+    rgba = encode(np.full((32, 32, 4), 200, np.uint8))
+    for data in (gray_64, rgba):
+        response = requests.post(f"{url}/predict", data=data, headers={"content-type": "image/png"}, timeout=30)
+        assert response.status_code == 200, response.text
+
+
+def test_healthz_and_metadata(endpoint):
+    url, checkpoint = endpoint
+    health = requests.get(f"{url}/healthz", timeout=30)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    metadata = requests.get(f"{url}/metadata", timeout=30).json()
+    assert metadata["class_names"][0] == "airplane" and metadata["model"] == "shallow_cnn"
+    assert metadata["data"]["source"] == "synthetic" and "val_accuracy" in metadata["training_metrics"]
+    assert metadata["evaluation"]["examples"] == 80  # the model card's numbers travel with it
+    assert requests.get(f"{url}/docs", timeout=30).status_code == 200
+
+
+def png_bomb(side: int = 20_000) -> bytes:
+    """A tiny PNG whose header claims side x side pixels."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    raw = zlib.compress(b"\x00" * (side + 1) * 64, 9)  # a few rows are enough to claim the size
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
+
+
+BAD_REQUESTS = {
+    "undecodable bytes": ("/predict", {"data": b"not an image", "headers": {"content-type": "image/png"}}, 400),
+    "truncated jpeg": ("/predict", {"data": encode(make_images(1)[0][0], "JPEG")[:40],
+                                    "headers": {"content-type": "image/jpeg"}}, 400),
+    "empty body": ("/predict", {"data": b"", "headers": {"content-type": "image/png"}}, 400),
+    "too large": ("/predict", {"data": b"x" * 300_000, "headers": {"content-type": "image/png"}}, 413),
+    "wrong content type": ("/predict", {"data": b"abc", "headers": {"content-type": "text/plain"}}, 415),
+    "decompression bomb": ("/predict", {"data": png_bomb(), "headers": {"content-type": "image/png"}}, 400),
+    "multipart without file": ("/predict", {"files": {"other": ("x.png", b"x", "image/png")}}, 400),
+    "json wrong shape": ("/predict/json", {"json": {"image": [[1, 2, 3]]}}, 422),
+    "json NaN": ("/predict/json", {"data": b'{"image": [[[NaN, 0, 0]]]}',
+                                   "headers": {"content-type": "application/json"}}, 400),
+    "json out of range": ("/predict/json", {"json": {"image": np.full((32, 32, 3), 300).tolist()}}, 422),
+    "json strings": ("/predict/json", {"json": {"image": [[["a", "b", "c"]] * 32] * 32}}, 422),
+    "json not an object": ("/predict/json", {"json": [1, 2, 3]}, 422),
+    "json deeply nested": ("/predict/json", {"data": b"[" * 50_000,
+                                             "headers": {"content-type": "application/json"}}, 400),
+    "json invalid": ("/predict/json", {"data": b"{image:", "headers": {"content-type": "application/json"}}, 400),
+    "top_k out of range": ("/predict/json?top_k=0", {"json": {"image": np.zeros((32, 32, 3)).tolist()}}, 422),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_REQUESTS))
+def test_bad_input_gets_a_4xx_and_the_replica_keeps_serving(endpoint, name):
+    url, _ = endpoint
+    path, kwargs, status = BAD_REQUESTS[name]
+    response = requests.post(f"{url}{path}", timeout=30, **kwargs)
+    assert response.status_code == status, response.text
+    assert "detail" in response.json()
+    ok = requests.post(f"{url}/predict/json", json={"image": np.zeros((32, 32, 3)).tolist()}, timeout=30)
+    assert ok.status_code == 200
+
+
+def test_serve_config_validates_against_ray_schema_and_names_the_app():
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "serve_config.yaml").read_text()))
+    (application,) = config.applications
+    assert application.import_path == "cifar_ray.serve:app"
+    deployment = application.deployments[0]
+    assert deployment.autoscaling_config["max_replicas"] >= 2
+    assert set(deployment.user_config) == {"max_batch_size", "batch_wait_timeout_s"}
+
+
+def test_checkpoint_env_var_overrides_args(monkeypatch, tmp_path):
+    from cifar_ray.serve import serve_config_from_args
+
+    assert serve_config_from_args({"checkpoint": "s3://b/ckpt"}).checkpoint == "s3://b/ckpt"
+    monkeypatch.setenv("CIFAR_RAY_CHECKPOINT", str(tmp_path))
+    assert serve_config_from_args({"checkpoint": "s3://b/ckpt"}).checkpoint == str(tmp_path)
