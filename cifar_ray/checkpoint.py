@@ -134,3 +134,28 @@ def copy_checkpoint(source: str, destination: str) -> None:
     fs.delete_dir_contents(path, missing_dir_ok=True)
     fs.create_dir(path, recursive=True)
     pyarrow.fs.copy_files(source, destination)
+
+
+def read_file(directory: str, name: str) -> bytes:
+    """Read from a local folder or a URI alike."""
+    import pyarrow.fs
+
+    if "://" not in directory:
+        return (Path(directory) / name).read_bytes()
+    fs, path = pyarrow.fs.FileSystem.from_uri(f"{directory.rstrip('/')}/{name}")
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def best_checkpoint_in(run_dir: str, metric: str = "val_accuracy") -> str:
+    """The checkpoint folder (epoch_NNNN) of a Ray Train run with the highest `metric`."""
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(run_dir if "://" in run_dir else str(Path(run_dir).resolve()))
+    names = [i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(path))
+             if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("epoch_")]
+    if not names:
+        raise CheckpointError(f"{run_dir}: no checkpoints")
+    score = {n: json.loads(read_file(f"{run_dir.rstrip('/')}/{n}", METADATA_FILE))["metrics"][metric]
+             for n in names}
+    return f"{run_dir.rstrip('/')}/{max(names, key=score.__getitem__)}"

@@ -76,6 +76,19 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class TuneConfig:
+    num_samples: int = _f(8, "trials to run (each a full training run)")
+    scheduler: str = _f("asha", "early stopping of poor trials", ("asha", "fifo"))
+    max_concurrent_trials: Optional[int] = _f(None, "trials at once (default: what the cluster's CPUs fit)")
+    search_space: Optional[str] = _f(None, "YAML file with the full search space (replaces the flags below)")
+    models: Optional[tuple[str, ...]] = _f(None, "models to compare (default: all registered)")
+    optimizers: Optional[tuple[str, ...]] = _f(None, "optimizers to compare (default: rmsprop adam sgd)")
+    augments: Optional[tuple[str, ...]] = _f(None, "augmentations to compare (default: none notebook crop_flip)")
+    batch_sizes: Optional[tuple[int, ...]] = _f(None, "global batch sizes to compare (default: 64 128 256)")
+    lr_range: Optional[tuple[float, ...]] = _f(None, "learning-rate bounds, sampled log-uniformly (default: 1e-4 1e-1)")
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     checkpoint: str = _f("./runs/best", "checkpoint folder or URI to serve (env CIFAR_RAY_CHECKPOINT wins)")
     max_batch_size: int = _f(16, "requests batched into one model call (1 disables batching)")
@@ -92,6 +105,7 @@ class Config:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -134,16 +148,28 @@ def _section_of(key: str) -> str:
 
 
 def _base_type(section: type, name: str) -> type:
-    """The concrete type of a field: Optional[int] -> int."""
+    """The concrete type of a field: Optional[int] -> int, Optional[tuple[int, ...]] -> tuple."""
     hint = typing.get_type_hints(section)[name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
+    hint = args[0] if args else hint
+    return tuple if typing.get_origin(hint) is tuple else hint
+
+
+def _item_type(section: type, name: str) -> type:
+    """The element type of a tuple field: Optional[tuple[int, ...]] -> int."""
+    hint = next(a for a in typing.get_args(typing.get_type_hints(section)[name]) if a is not type(None))
+    return typing.get_args(hint)[0]
 
 
 def _coerce(section: type, f: dataclasses.Field, value: Any) -> Any:
     kind = _base_type(section, f.name)
     if value is None:
         return None
+    if kind is tuple:
+        item = _item_type(section, f.name)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{f.name}: expected a list, got {value!r}")
+        return tuple(float(v) if item is float and isinstance(v, int) else v for v in value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -185,6 +211,9 @@ def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...])
             help_text = f"{f.metadata['help']} (default: {f.default})"
             if kind is bool:
                 group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                   default=None, help=help_text)
+            elif kind is tuple:
+                group.add_argument(flag, dest=f.name, nargs="+", type=_item_type(SECTIONS[section], f.name),
                                    default=None, help=help_text)
             else:
                 group.add_argument(flag, dest=f.name, type=kind, default=None,

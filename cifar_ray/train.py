@@ -180,22 +180,38 @@ def plan_resources(cfg: Config, cluster_cpus: float) -> tuple[float, int]:
 
 def run(cfg: Config, train_loop=train_loop_per_worker) -> dict:
     """Train as configured; return the run's summary (also written to summary.json)."""
-    import ray
-    import ray.train
-    from ray.train.tensorflow import TensorflowTrainer
+    from cifar_ray.data import load_training_data
 
-    from cifar_ray.data import add_augmentation, load_training_data
-
-    name = cfg.run.name or datetime.now().strftime("train-%Y%m%d-%H%M%S")
-    cfg = cfg.with_overrides({"name": name, "storage_path": absolute_storage_path(cfg.run.storage_path)})
+    cfg = resolve_run(cfg, default_name=datetime.now().strftime("train-%Y%m%d-%H%M%S"))
     check_storage_writable(cfg.run.storage_path)
-    cpus_per_worker, threads = plan_resources(cfg, ray.cluster_resources().get("CPU", 1))
-
     started = time.perf_counter()
     train, val, info = load_training_data(cfg.data, seed=cfg.train.seed)
     print(f"data: {info.num_train} training / {info.num_val} validation images from {info.source}", flush=True)
 
-    trainer = TensorflowTrainer(
+    result = make_trainer(cfg, train, val, info, train_loop).fit()
+    summary = write_run_outputs(cfg, result, wall_time_s=time.perf_counter() - started)
+    audit_best_checkpoint(summary, val, info)
+    export_best(summary["best_checkpoint"], cfg.run.storage_path)
+    return summary
+
+
+def resolve_run(cfg: Config, default_name: str) -> Config:
+    """Fill in the run name and make a local storage path absolute (Ray needs one)."""
+    return cfg.with_overrides({"name": cfg.run.name or default_name,
+                               "storage_path": absolute_storage_path(cfg.run.storage_path)})
+
+
+def make_trainer(cfg: Config, train, val, info: DataInfo, train_loop=train_loop_per_worker,
+                 callbacks: tuple = ()):
+    """The TensorflowTrainer for one training run; `run` and each Tune trial fit one."""
+    import ray
+    import ray.train
+    from ray.train.tensorflow import TensorflowTrainer
+
+    from cifar_ray.data import add_augmentation
+
+    cpus_per_worker, threads = plan_resources(cfg, ray.cluster_resources().get("CPU", 1))
+    return TensorflowTrainer(
         train_loop,
         train_loop_config={"config": cfg.to_dict(), "data_info": asdict(info), "threads": threads},
         scaling_config=ray.train.ScalingConfig(
@@ -204,7 +220,7 @@ def run(cfg: Config, train_loop=train_loop_per_worker) -> dict:
             resources_per_worker={"CPU": cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
-            name=name,
+            name=cfg.run.name,
             storage_path=cfg.run.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.run.keep_checkpoints,
@@ -212,23 +228,10 @@ def run(cfg: Config, train_loop=train_loop_per_worker) -> dict:
                 checkpoint_score_order="max",
             ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            callbacks=list(callbacks),
         ),
         datasets={"train": add_augmentation(train, cfg.data.augment), "val": val},
     )
-    result = trainer.fit()
-    summary = write_run_outputs(cfg, result, wall_time_s=time.perf_counter() - started)
-    audit_best_checkpoint(summary, val, info)
-    export_best(summary["best_checkpoint"], cfg.run.storage_path)
-    return summary
-
-
-def export_best(checkpoint: str, storage_path: str) -> None:
-    """Copy the run's best checkpoint to <storage-path>/best, where Serve looks by default."""
-    from cifar_ray.checkpoint import copy_checkpoint
-
-    destination = f"{storage_path.rstrip('/')}/best"
-    copy_checkpoint(checkpoint, destination)
-    print(f"exported the best checkpoint to {destination}", flush=True)
 
 
 def audit_best_checkpoint(summary: dict, val, info: DataInfo) -> None:
@@ -241,6 +244,15 @@ def audit_best_checkpoint(summary: dict, val, info: DataInfo) -> None:
     data = {"source": info.source, "split": f"validation split, {info.num_val} images"}
     evaluate_dataset(val, summary["best_checkpoint"], data,
                      outs=(summary["run_dir"], summary["best_checkpoint"]))
+
+
+def export_best(checkpoint: str, storage_path: str) -> None:
+    """Copy a best checkpoint to <storage-path>/best, where Serve looks by default."""
+    from cifar_ray.checkpoint import copy_checkpoint
+
+    destination = f"{storage_path.rstrip('/')}/best"
+    copy_checkpoint(checkpoint, destination)
+    print(f"exported the best checkpoint to {destination}", flush=True)
 
 
 def absolute_storage_path(path: str) -> str:

@@ -17,7 +17,9 @@ def ray_cluster():
     """One local 2-CPU Ray for every test that needs it; its address for subprocesses."""
     import ray
 
-    context = ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    # With the dashboard, as on a real cluster: without its state API, Ray Train cannot
+    # release a finished Tune trial's placement group, and later work waits for CPUs.
+    context = ray.init(num_cpus=2, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield context.address_info["address"]
     ray.shutdown()

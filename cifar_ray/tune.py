@@ -1,0 +1,285 @@
+"""Compare model and training variants with Ray Tune and export the winner.
+
+    python -m cifar_ray.tune --data ../shared/data/cifar10/train --limit 5000 --epochs 2 --num-samples 4
+    python -m cifar_ray.tune --models notebook_cnn shallow_cnn --optimizers adam sgd --num-samples 6
+    python -m cifar_ray.tune --search-space space.yaml --name my-study     # rerun the name to resume
+
+Each trial is a full Ray Train run made by train.make_trainer, with the same training
+loop, config and checkpoints as `python -m cifar_ray.train`. The data is read, decoded and
+split once and shared by every trial. ASHA stops poor trials early (--scheduler fifo to
+run all of them to the end).
+
+A search-space YAML maps config field names (the CLI's, without dashes) to a sampler, or
+to a plain value to fix it:
+
+    model: {choice: [notebook_cnn, shallow_cnn]}
+    lr: {loguniform: [0.0001, 0.1]}
+    batch_size: {choice: [64, 128]}
+    epochs: 3
+
+The experiment folder <storage-path>/<name>/ ends with leaderboard.csv, leaderboard.md,
+comparison.png and best/: the best trial's best checkpoint, with best.json and its audit
+(MODEL_CARD.md). best/ is also copied to <storage-path>/best, where Serve looks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+from cifar_ray.config import SECTIONS, Config, add_config_flags, config_from_args
+from cifar_ray.data import DataInfo
+from cifar_ray.models import MODELS
+from cifar_ray.train import SCORE_METRIC
+
+SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
+SEARCHED = ("model", "optimizer", "lr", "augment", "batch_size")
+
+
+def search_space(cfg: Config) -> dict:
+    """The Tune search space: the YAML file if given, else the defaults narrowed by flags."""
+    from ray import tune
+
+    if cfg.tune.search_space:
+        return parse_search_space(yaml.safe_load(Path(cfg.tune.search_space).read_text()) or {})
+    t = cfg.tune
+    low, high = t.lr_range or (1e-4, 1e-1)
+    return {
+        "model": tune.choice(list(t.models or MODELS)),
+        "optimizer": tune.choice(list(t.optimizers or ("rmsprop", "adam", "sgd"))),
+        "lr": tune.loguniform(low, high),
+        "augment": tune.choice(list(t.augments or ("none", "notebook", "crop_flip"))),
+        "batch_size": tune.choice(list(t.batch_sizes or (64, 128, 256))),
+    }
+
+
+def parse_search_space(spec: dict) -> dict:
+    """YAML {field: {sampler: args} | value} -> Tune space; field names and types are checked."""
+    space = {}
+    for key, value in spec.items():
+        if isinstance(value, dict):
+            (sampler, args), = value.items()
+            if sampler not in SAMPLERS:
+                raise ValueError(f"search space {key}: unknown sampler {sampler!r}; use one of {SAMPLERS}")
+            Config().with_overrides({key: args[0]})  # unknown field or wrong type: ValueError
+            space[key] = make_sampler(sampler, args)
+        else:
+            Config().with_overrides({key: value})
+            space[key] = value
+    return space
+
+
+def make_sampler(name: str, args: list):
+    from ray import tune
+
+    if name == "choice":
+        return tune.choice(list(args))
+    if name == "grid":
+        return tune.grid_search(list(args))
+    return getattr(tune, name)(*args)  # uniform, loguniform, randint: bounds
+
+
+def run_trial(params: dict, base: dict, train, val, info: DataInfo, trials_dir: str) -> None:
+    """One Tune trial: a Ray Train run with the sampled fields, reporting every epoch to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from cifar_ray.train import make_trainer, write_run_outputs
+
+    cfg = Config.from_dict(base).with_overrides(
+        {**params, "name": tune.get_context().get_trial_id(), "storage_path": trials_dir})
+    started = time.perf_counter()
+    result = make_trainer(cfg, train, val, info, callbacks=(TuneReportCallback(),)).fit()
+    write_run_outputs(cfg, result, wall_time_s=time.perf_counter() - started)
+
+
+def trial_resources(cfg: Config, cluster_cpus: float) -> tuple[int, float]:
+    """(concurrent trials, CPUs per worker) so that trials never starve each other or Ray Data."""
+    per_trial_data = cfg.scaling.data_cpus
+    concurrent = cfg.tune.max_concurrent_trials or max(1, int(cluster_cpus // 4))
+    cpus = cfg.scaling.cpus_per_worker or (cluster_cpus / concurrent - per_trial_data) / cfg.scaling.num_workers
+    if cpus <= 0:
+        raise ValueError(f"{concurrent} concurrent trials do not fit in {cluster_cpus:g} CPUs; "
+                         "lower --max-concurrent-trials or --num-workers")
+    return concurrent, round(cpus, 3)
+
+
+def run(cfg: Config) -> dict:
+    """Run (or resume) the experiment; return the best trial's summary."""
+    import ray
+    from ray import tune
+
+    from cifar_ray.data import load_training_data
+    from cifar_ray.train import check_storage_writable, resolve_run
+
+    cfg = resolve_run(cfg, default_name=datetime.now().strftime("tune-%Y%m%d-%H%M%S"))
+    experiment_dir = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
+    check_storage_writable(cfg.run.storage_path)
+    concurrent, cpus_per_worker = trial_resources(cfg, ray.cluster_resources().get("CPU", 1))
+    cfg = cfg.with_overrides({"cpus_per_worker": cpus_per_worker})
+
+    train, val, info = load_training_data(cfg.data, seed=cfg.train.seed)
+    print(f"data: {info.num_train} training / {info.num_val} validation images from {info.source}", flush=True)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=cfg.to_dict(), train=train, val=val, info=info,
+                             trials_dir=f"{experiment_dir}/trials"),
+        {"CPU": 0.01},  # the trial's driver only waits; its Ray Train workers hold the CPUs
+    )
+    if tune.Tuner.can_restore(experiment_dir):
+        print(f"resuming experiment {experiment_dir}", flush=True)
+        tuner = tune.Tuner.restore(experiment_dir, trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=search_space(cfg),
+            tune_config=tune.TuneConfig(
+                num_samples=cfg.tune.num_samples,
+                max_concurrent_trials=concurrent,
+                scheduler=make_scheduler(cfg),
+                metric=SCORE_METRIC,
+                mode="max",
+            ),
+            run_config=tune.RunConfig(name=cfg.run.name, storage_path=cfg.run.storage_path, verbose=1),
+        )
+    results = tuner.fit()
+    return write_experiment_outputs(cfg, experiment_dir, results, val, info)
+
+
+def make_scheduler(cfg: Config):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if cfg.tune.scheduler == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
+                         grace_period=1, reduction_factor=2)
+
+
+def leaderboard_rows(cfg: Config, results) -> list[dict]:
+    """One row per trial: sampled fields, best val accuracy, epochs, early stop; best first."""
+    rows = []
+    for result in results:
+        history = result.metrics_dataframe
+        if history is None or SCORE_METRIC not in history:
+            continue  # a trial that failed before its first epoch
+        best = history.loc[history[SCORE_METRIC].idxmax()]
+        epochs_run = int(history["epoch"].max())
+        planned = result.config.get("epochs", cfg.train.epochs)
+        rows.append({
+            "trial": result.metrics["trial_id"],
+            **{k: v for k, v in result.config.items() if k in SEARCHED or not isinstance(v, dict)},
+            "best_val_accuracy": round(float(best[SCORE_METRIC]), 4),
+            "best_epoch": int(best["epoch"]),
+            "epochs_run": epochs_run,
+            "stopped_early": result.error is None and epochs_run < planned,
+            "status": "error" if result.error else "done",
+            "val_accuracy_by_epoch": [round(float(v), 4) for v in history[SCORE_METRIC]],
+        })
+    return sorted(rows, key=lambda r: -r["best_val_accuracy"])
+
+
+def write_experiment_outputs(cfg: Config, experiment_dir: str, results, val, info: DataInfo) -> dict:
+    """leaderboard.csv/.md, comparison.png, best/ (with best.json and its audit)."""
+    from cifar_ray.checkpoint import best_checkpoint_in, copy_checkpoint, read_file, write_file
+    from cifar_ray.evaluate import evaluate_dataset
+    from cifar_ray.train import export_best
+
+    rows = leaderboard_rows(cfg, results)
+    if not rows:
+        raise RuntimeError(f"no trial of {experiment_dir} finished an epoch; see the errors above")
+    columns = [k for k in rows[0] if k != "val_accuracy_by_epoch"]
+    write_file(experiment_dir, "leaderboard.csv", leaderboard_csv(rows, columns).encode())
+    table = leaderboard_markdown(rows, columns)
+    write_file(experiment_dir, "leaderboard.md", table.encode())
+    write_file(experiment_dir, "comparison.png", plot_comparison(rows, title=cfg.run.name))
+
+    winner = rows[0]
+    checkpoint = best_checkpoint_in(f"{experiment_dir}/trials/{winner['trial']}")
+    best_dir = f"{experiment_dir}/best"
+    copy_checkpoint(checkpoint, best_dir)
+    metadata = json.loads(read_file(best_dir, "metadata.json"))
+    best = {"trial": winner["trial"], "checkpoint": checkpoint,
+            "config": {k: v for k, v in winner.items() if k in SEARCHED},
+            "best_val_accuracy": metadata["metrics"][SCORE_METRIC], "best_epoch": metadata["epoch"],
+            "metrics": metadata["metrics"]}
+    write_file(best_dir, "best.json", json.dumps(best, indent=2).encode())
+    evaluate_dataset(val, best_dir, {"source": info.source, "split": f"validation split, {info.num_val} images"},
+                     outs=(best_dir,))
+    export_best(best_dir, cfg.run.storage_path)
+    print("\n" + table, flush=True)
+    return {**best, "experiment_dir": experiment_dir, "best_dir": best_dir, "leaderboard": rows}
+
+
+def leaderboard_csv(rows: list[dict], columns: list[str]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def leaderboard_markdown(rows: list[dict], columns: list[str]) -> str:
+    def cell(v):
+        return f"{v:.3g}" if isinstance(v, float) and not isinstance(v, bool) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_comparison(rows: list[dict], title: str) -> bytes:
+    """Validation accuracy per epoch, one line per trial, the best one highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for i, row in enumerate(rows):
+        epochs = range(1, len(row["val_accuracy_by_epoch"]) + 1)
+        label = f"{row['trial']}: {row.get('model')}, {row.get('optimizer')}, lr {row.get('lr', 0):.2g}"
+        style = {"linewidth": 3, "color": "tab:red", "zorder": 3} if i == 0 else {"linewidth": 1, "alpha": 0.7}
+        ax.plot(epochs, row["val_accuracy_by_epoch"], "o-", label=("best · " if i == 0 else "") + label, **style)
+    ax.set(xlabel="epoch", ylabel="validation accuracy", title=f"Trials of {title}")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def main(argv: list[str] | None = None) -> None:
+    from cifar_ray.cli import init_ray, run_cli
+    from cifar_ray.data import check_source
+
+    parser = argparse.ArgumentParser(prog="python -m cifar_ray.tune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(parser, ("tune", "data", "model", "train", "scaling", "run"))
+    args = parser.parse_args(argv)
+
+    def tune() -> None:
+        cfg = config_from_args(args)
+        check_source(cfg.data.data)
+        if cfg.tune.search_space:
+            parse_search_space(yaml.safe_load(Path(cfg.tune.search_space).read_text()) or {})
+        init_ray()
+        best = run(cfg)
+        print(f"best trial {best['trial']}: val_accuracy {best['best_val_accuracy']:.4f} "
+              f"(epoch {best['best_epoch']}) with {best['config']}")
+        print(f"experiment folder: {best['experiment_dir']}")
+
+    run_cli(tune)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Ray Tune: a tiny experiment, its leaderboard and best/, and resuming an interrupted one."""
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cifar_ray.config import PRESETS
+from cifar_ray.tune import parse_search_space, trial_resources
+
+TINY = {"synthetic_size": 300, "val_fraction": 0.2, "models": ("shallow_cnn",),
+        "optimizers": ("adam", "sgd"), "augments": ("none",), "batch_sizes": (64,),
+        "lr_range": (1e-3, 1e-2)}
+
+
+def test_search_space_yaml_uses_config_field_names():
+    space = parse_search_space(yaml.safe_load(
+        "model: {choice: [shallow_cnn, notebook_cnn]}\nlr: {loguniform: [0.0001, 0.1]}\nepochs: 3\n"))
+    assert set(space) == {"model", "lr", "epochs"} and space["epochs"] == 3
+    assert set(space["model"].categories) == {"shallow_cnn", "notebook_cnn"}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("learning_rate: {choice: [0.1]}\n", "unknown config key"),
+    ("lr: {normal: [0, 1]}\n", "unknown sampler"),
+    ("batch_size: {choice: [big]}\n", "expected int"),
+])
+def test_search_space_yaml_mistakes_are_clear_errors(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_search_space(yaml.safe_load(text))
+
+
+def test_trials_fit_the_cluster_and_leave_cpus_for_data():
+    assert trial_resources(PRESETS["smoke"], cluster_cpus=2) == (1, 1.5)
+    cfg = PRESETS["smoke"].with_overrides({"num_workers": 2})
+    assert trial_resources(cfg, cluster_cpus=16) == (4, 1.75)
+
+
+@pytest.fixture(scope="module")
+def experiment(ray_cluster, tmp_path_factory):
+    from cifar_ray.tune import run
+
+    cfg = PRESETS["smoke"].with_overrides({
+        **TINY, "num_samples": 3, "scheduler": "asha", "epochs": 2, "name": "tiny",
+        "storage_path": str(tmp_path_factory.mktemp("tune"))})
+    return cfg, run(cfg)
+
+
+def test_leaderboard_is_sorted_and_its_top_is_the_best_epoch_of_all_trials(experiment):
+    _, best = experiment
+    folder = Path(best["experiment_dir"])
+    rows = list(csv.DictReader((folder / "leaderboard.csv").open()))
+    assert len(rows) == 3
+    scores = [float(r["best_val_accuracy"]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    every_epoch = [acc for row in best["leaderboard"] for acc in row["val_accuracy_by_epoch"]]
+    assert scores[0] == pytest.approx(max(every_epoch), abs=1e-4)
+    assert {"model", "optimizer", "lr", "epochs_run", "stopped_early"} <= set(rows[0])
+    assert (folder / "leaderboard.md").read_text().startswith("| trial |")
+    assert (folder / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_best_loads_with_evaluate_and_reproduces_best_json(experiment):
+    from cifar_ray.data import load_training_data
+    from cifar_ray.evaluate import evaluate_dataset
+
+    cfg, best = experiment
+    best_dir = Path(best["best_dir"])
+    recorded = json.loads((best_dir / "best.json").read_text())
+    _, val, _ = load_training_data(cfg.data, seed=cfg.train.seed)
+    metrics = evaluate_dataset(val, str(best_dir), {"source": "synthetic", "split": "validation"})
+    assert metrics["accuracy"] == pytest.approx(recorded["best_val_accuracy"], abs=1e-6)
+    assert (best_dir / "MODEL_CARD.md").is_file()  # tune's winner carries its audit too
+    assert (Path(cfg.run.storage_path) / "best" / "model.keras").is_file()  # exported for Serve
+
+
+def test_interrupted_experiment_resumes_without_rerunning_finished_trials(subprocess_env, tmp_path):
+    args = [sys.executable, "-m", "cifar_ray.tune", "--preset", "smoke", "--synthetic-size", "200",
+            "--val-fraction", "0.2", "--epochs", "1", "--num-samples", "3", "--scheduler", "fifo",
+            "--models", "shallow_cnn", "--augments", "none", "--batch-sizes", "64",
+            "--name", "interrupted", "--storage-path", str(tmp_path)]
+    trials = tmp_path / "interrupted" / "trials"
+    first = subprocess.Popen(args, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not list(trials.glob("*/summary.json")) and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(1)
+    finished = list(trials.glob("*/summary.json"))
+    assert finished, "no trial finished before the deadline"
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    # A trial's epoch checkpoint is written once, when the epoch is trained.
+    trained_at = {p.parent.name: (p.parent / "epoch_0001" / "metadata.json").stat().st_mtime for p in finished}
+
+    second = subprocess.run(args, env=subprocess_env, capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming experiment" in second.stdout
+    rows = list(csv.DictReader((tmp_path / "interrupted" / "leaderboard.csv").open()))
+    assert len(rows) == 3
+    for trial, mtime in trained_at.items():  # finished epochs were not trained again
+        assert (trials / trial / "epoch_0001" / "metadata.json").stat().st_mtime == mtime
+        assert len((trials / trial / "history.csv").read_text().splitlines()) == 2  # header + 1 epoch
