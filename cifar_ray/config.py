@@ -42,7 +42,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: str = _f("notebook_cnn", "model architecture", ("notebook_cnn", "shallow_cnn"))
+    model: str = _f("notebook_cnn", "model architecture (fast_resnet brings its own recipe)",
+                    ("notebook_cnn", "shallow_cnn", "fast_resnet"))
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class TrainConfig:
     warmup_epochs: float = _f(0.0, "linear warmup before the schedule (epochs)")
     momentum: float = _f(0.9, "momentum for sgd (Nesterov)")
     weight_decay: float = _f(0.0, "decoupled weight decay (0 disables)")
+    label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy loss")
     seed: int = _f(0, "seed for the split, weights and shuffling")
 
 
@@ -140,6 +142,14 @@ PRESETS = {
 }
 
 
+# Defaults a model brings with it, applied when it is chosen, under YAML and flags.
+MODEL_RECIPES = {
+    "fast_resnet": {"epochs": 14, "batch_size": 256, "optimizer": "sgd", "lr": 0.2, "momentum": 0.9,
+                    "schedule": "cosine", "warmup_epochs": 1.0, "weight_decay": 5e-4,
+                    "label_smoothing": 0.1, "augment": "crop_flip"},
+}
+
+
 def _section_of(key: str) -> str:
     for name, cls in SECTIONS.items():
         if key in {f.name for f in fields(cls)}:
@@ -188,14 +198,18 @@ def _section_from_dict(cls: type, d: dict) -> Any:
     return cls(**{k: _coerce(cls, known[k], v) for k, v in d.items()})
 
 
-def load_yaml(path: str | Path, base: Config) -> Config:
-    """Apply a nested YAML file (sections data/model/train/scaling/run) over `base`."""
+def read_yaml(path: str | Path) -> dict:
+    """A nested YAML config (sections data/model/train/...), checked for unknown keys and types."""
     import yaml
 
     with open(path) as fh:
         nested = yaml.safe_load(fh) or {}
-    Config.from_dict(nested)  # validates sections, keys and types
-    return base.with_overrides({k: v for section in nested.values() for k, v in section.items()})
+    Config.from_dict(nested)
+    return nested
+
+
+def flatten(nested: dict) -> dict:
+    return {k: v for section in nested.values() for k, v in section.items()}
 
 
 def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
@@ -222,10 +236,15 @@ def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...])
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """The preset, then the YAML file, then explicit flags: later ones win."""
-    cfg = PRESETS[args.preset]
-    if args.config:
-        cfg = load_yaml(args.config, base=cfg)
-    overrides = {f.name: getattr(args, f.name) for s in args._config_sections
-                 for f in fields(SECTIONS[s]) if getattr(args, f.name, None) is not None}
-    return cfg.with_overrides(overrides)
+    """The preset, the chosen model's recipe, the YAML file, explicit flags: later ones win."""
+    from_yaml = flatten(read_yaml(args.config)) if args.config else {}
+    from_flags = {f.name: getattr(args, f.name) for s in args._config_sections
+                  for f in fields(SECTIONS[s]) if getattr(args, f.name, None) is not None}
+    preset = PRESETS[args.preset]
+    model = from_flags.get("model", from_yaml.get("model", preset.model.model))
+    return with_recipe(preset, model).with_overrides({**from_yaml, **from_flags})
+
+
+def with_recipe(cfg: Config, model: str) -> Config:
+    """`cfg` training `model` with that model's recipe (MODEL_RECIPES), if it has one."""
+    return cfg.with_overrides({"model": model, **MODEL_RECIPES.get(model, {})})

@@ -25,20 +25,27 @@ ERRORS_SHOWN = 16
 
 
 class Predictor:
-    """A Ray Data actor holding one loaded model: a batch of images -> class probabilities."""
+    """A Ray Data actor holding one loaded model: a batch of images -> class probabilities.
 
-    def __init__(self, checkpoint: str):
+    With `tta`, the probabilities are the mean over each image and its mirror image.
+    """
+
+    def __init__(self, checkpoint: str, tta: bool = False):
         with local_checkpoint(checkpoint) as directory:
             self.model, self.metadata = load_checkpoint(directory, compile=False)
+        self.tta = tta
 
     def __call__(self, batch: dict) -> dict:
         probabilities = np.asarray(self.model.predict_on_batch(batch["image"]), np.float32)
+        if self.tta:
+            mirrored = np.asarray(self.model.predict_on_batch(batch["image"][:, :, ::-1]), np.float32)
+            probabilities = (probabilities + mirrored) / 2
         return {**batch, "probabilities": probabilities}
 
 
-def predict_dataset(ds, checkpoint: str, num_actors: int = 1, batch_size: int = 512):
+def predict_dataset(ds, checkpoint: str, num_actors: int = 1, batch_size: int = 512, tta: bool = False):
     """Lazily add a `probabilities` column to a dataset of images and labels."""
-    return ds.map_batches(Predictor, fn_constructor_kwargs={"checkpoint": checkpoint},
+    return ds.map_batches(Predictor, fn_constructor_kwargs={"checkpoint": checkpoint, "tta": tta},
                           concurrency=num_actors, batch_size=batch_size, batch_format="numpy")
 
 
@@ -69,17 +76,17 @@ def collect_predictions(ds, errors_kept: int = ERRORS_SHOWN):
 
 
 def evaluate_dataset(ds, checkpoint: str, data: dict, outs: tuple[str, ...] = (),
-                     num_actors: int = 1) -> dict:
+                     num_actors: int = 1, tta: bool = False) -> dict:
     """Metrics of `checkpoint` on `ds`; the full audit is written into each folder of `outs`.
 
     `data` describes what `ds` is, for the model card: {"source": ..., "split": ...}.
     """
     with local_checkpoint(checkpoint) as directory:
         metadata = read_metadata(directory)
-    labels, probabilities, errors = collect_predictions(predict_dataset(ds, checkpoint, num_actors))
+    labels, probabilities, errors = collect_predictions(predict_dataset(ds, checkpoint, num_actors, tta=tta))
     class_names = metadata["class_names"]
     metrics = report.compute_metrics(labels, probabilities, class_names)
-    result = {"checkpoint": checkpoint, "data": data, **metrics}
+    result = {"checkpoint": checkpoint, "data": data, "tta": tta, **metrics}
     if outs:
         files = {
             "metrics.json": json.dumps(result, indent=2).encode(),
@@ -95,7 +102,8 @@ def evaluate_dataset(ds, checkpoint: str, data: dict, outs: tuple[str, ...] = ()
     return result
 
 
-def evaluate(checkpoint: str, data: str, out: str | None = None, num_actors: int = 1) -> dict:
+def evaluate(checkpoint: str, data: str, out: str | None = None, num_actors: int = 1,
+             tta: bool = False) -> dict:
     from cifar_ray.cli import init_ray
     from cifar_ray.data import check_source, read_source
 
@@ -105,12 +113,12 @@ def evaluate(checkpoint: str, data: str, out: str | None = None, num_actors: int
     init_ray()
     split = "CIFAR-10 test split" if data == "cifar10" else "all rows"
     return evaluate_dataset(read_source(data, split="test"), checkpoint,
-                            {"source": data, "split": split}, (out,) if out else (), num_actors)
+                            {"source": data, "split": split}, (out,) if out else (), num_actors, tta)
 
 
 def summary_line(metrics: dict) -> dict:
     """The headline numbers printed to stdout (metrics.json has everything)."""
-    keys = ("checkpoint", "data", "examples", "accuracy", "loss", "top5_accuracy",
+    keys = ("checkpoint", "data", "tta", "examples", "accuracy", "loss", "top5_accuracy",
             "mean_class_accuracy", "worst_class", "worst_class_accuracy", "ece")
     return {k: metrics[k] for k in keys}
 
@@ -125,9 +133,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="'cifar10' (its test split), 'synthetic', a Parquet folder/URI or an image folder")
     parser.add_argument("--out", help="write the metrics, figures and MODEL_CARD.md into this folder or URI")
     parser.add_argument("--num-actors", type=int, default=1, help="model replicas predicting in parallel")
+    parser.add_argument("--tta", action="store_true", help="average each image's and its mirror's predictions")
     args = parser.parse_args(argv)
     run_cli(lambda: print(json.dumps(summary_line(evaluate(args.checkpoint, args.data, args.out,
-                                                             args.num_actors)), indent=2)))
+                                                             args.num_actors, args.tta)), indent=2)))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,11 @@ Models (parameter counts are for 10 classes):
   Dense512-Drop-Dense10, with 'same' padding throughout (the notebook's
   `Conv2D(64, 3, 3)` meant a 3x3 kernel but set stride 3). 2,168,362 parameters.
 - `shallow_cnn`: the notebook's one-conv variant, Conv32-Pool-Drop-Dense512-Drop-Dense10.
+- `fast_resnet`: a ResNet-9-style net (Page's DAWNBench ResNet-9, airbench) sized for a
+  2-core CPU: widths 24-48-96-192, BatchNorm, two residual blocks, global max pool.
+  928,690 parameters, about 0.38 GFLOP per training image; its recipe (SGD Nesterov,
+  warmup + cosine, label smoothing, weight decay) is config.MODEL_RECIPES["fast_resnet"].
+  Measured accuracy: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -60,9 +65,31 @@ def shallow_cnn(mean, std, num_classes: int = len(CLASS_NAMES)) -> keras.Model:
     return keras.Model(inputs, notebook_head(x, num_classes), name="shallow_cnn")
 
 
+def conv_bn_relu(x: keras.KerasTensor, width: int) -> keras.KerasTensor:
+    x = layers.Conv2D(width, 3, padding="same", use_bias=False)(x)
+    x = layers.BatchNormalization()(x)
+    return layers.ReLU()(x)
+
+
+def residual(x: keras.KerasTensor, width: int) -> keras.KerasTensor:
+    return layers.Add()([x, conv_bn_relu(conv_bn_relu(x, width), width)])
+
+
+def fast_resnet(mean, std, num_classes: int = len(CLASS_NAMES),
+                widths: Sequence[int] = (24, 48, 96, 192)) -> keras.Model:
+    inputs, x = normalized_input(mean, std)
+    x = conv_bn_relu(x, widths[0])                                        # 32x32
+    x = residual(layers.MaxPooling2D()(conv_bn_relu(x, widths[1])), widths[1])  # 16x16
+    x = layers.MaxPooling2D()(conv_bn_relu(x, widths[2]))                 # 8x8
+    x = residual(layers.MaxPooling2D()(conv_bn_relu(x, widths[3])), widths[3])  # 4x4
+    x = layers.GlobalMaxPooling2D()(x)
+    return keras.Model(inputs, classifier_head(x, num_classes), name="fast_resnet")
+
+
 MODELS: dict[str, Callable[..., keras.Model]] = {
     "notebook_cnn": notebook_cnn,
     "shallow_cnn": shallow_cnn,
+    "fast_resnet": fast_resnet,
 }
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import keras
 
-from cifar_ray.config import Config, add_config_flags, config_from_args
+from cifar_ray.config import CLASS_NAMES, Config, add_config_flags, config_from_args
 from cifar_ray.data import AUGMENT_TASK_CPUS, DataInfo, check_source
 
 SCORE_METRIC = "val_accuracy"
@@ -42,6 +42,7 @@ SCORE_METRIC = "val_accuracy"
 
 def train_loop_per_worker(loop_config: dict) -> keras.Model:
     """Build or restore the model, fit it on this worker's shard, return it."""
+    import ray
     import ray.train
     import tensorflow as tf
 
@@ -49,6 +50,9 @@ def train_loop_per_worker(loop_config: dict) -> keras.Model:
 
     cfg = Config.from_dict(loop_config["config"])
     info = DataInfo(**loop_config["data_info"])
+    context = ray.train.get_context()
+    print(f"worker {context.get_world_rank()}/{context.get_world_size()} on node "
+          f"{ray.get_runtime_context().get_node_id()}", file=sys.__stdout__, flush=True)
     configure_tensorflow(loop_config["threads"])
     patch_keras_multi_worker()
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
@@ -91,26 +95,30 @@ def restore_or_build_model(cfg: Config, info: DataInfo, checkpoint, steps_per_ep
     model = build_model(cfg.model.model, info.mean, info.std)
     model.compile(
         optimizer=build_optimizer(cfg.train, steps_per_epoch),
-        loss="sparse_categorical_crossentropy",
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.train.label_smoothing),
         metrics=["accuracy"],
     )
     return model, []
 
 
 def make_tf_dataset(shard, global_batch_size: int, training: bool = False):
-    """A worker's Ray Data shard as a tf.data.Dataset of (uint8 images, labels).
+    """A worker's Ray Data shard as a tf.data.Dataset of (uint8 images, one-hot labels).
 
     Batches hold the *global* batch size: under MultiWorkerMirroredStrategy Keras rebatches
     each into global_batch_size / num_workers per worker and step, and every worker reads
     its whole shard. `to_tf` turns TF's auto-sharding off, so no example is dropped.
+    Labels are one-hot because Keras smooths labels only in CategoricalCrossentropy.
     """
-    return shard.to_tf(
+    import tensorflow as tf
+
+    dataset = shard.to_tf(
         feature_columns="image",
         label_columns="label",
         batch_size=global_batch_size,
         drop_last=training,
         local_shuffle_buffer_size=4 * global_batch_size if training else None,
     )
+    return dataset.map(lambda x, y: (x, tf.one_hot(y, len(CLASS_NAMES))))
 
 
 class ReportEpoch(keras.callbacks.Callback):

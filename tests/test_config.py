@@ -52,3 +52,14 @@ def test_round_trip_through_dict():
 def test_override_of_unknown_key_fails():
     with pytest.raises(ValueError, match="unknown config key"):
         Config().with_overrides({"learning_rate": 1.0})
+
+
+def test_a_models_recipe_applies_under_yaml_and_flags(tmp_path):
+    cfg = parse(["--model", "fast_resnet"])
+    assert (cfg.train.optimizer, cfg.train.schedule, cfg.train.label_smoothing) == ("sgd", "cosine", 0.1)
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  model: fast_resnet\ntrain:\n  epochs: 3\n")
+    cfg = parse(["--config", str(path), "--lr", "0.05"])
+    assert cfg.train.optimizer == "sgd"  # recipe of the model chosen in YAML
+    assert (cfg.train.epochs, cfg.train.lr) == (3, 0.05)  # YAML and flags win over it
+    assert parse(["--model", "shallow_cnn"]).train.optimizer == Config().train.optimizer

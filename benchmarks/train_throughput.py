@@ -1,0 +1,156 @@
+"""Training throughput: plain keras.fit vs Ray Train with 1 worker and with N workers.
+
+    python benchmarks/train_throughput.py [--model notebook_cnn] [--images 8192] [--rounds 2]
+
+Same model, data (the synthetic source, uint8 images, one-hot labels), global batch and
+validation split on every side. Sides run interleaved (plain, ray-1, ray-N, plain, ...)
+and each reports steady-state images/s: the median over epochs after the first (which
+traces the graph), each epoch including its validation pass. Ray's start-up (cluster
+join, worker group, first data epoch) is reported separately: wall time minus epochs.
+MFU divides the model's training FLOP/s by the measured fp32 matmul rate of this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+
+def training_flops_per_image(model) -> float:
+    """3x the forward FLOPs (forward + two backward matmuls) of the conv and dense layers."""
+    import keras
+
+    flops = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            h, w, c_out = layer.output.shape[1:]
+            kh, kw = layer.kernel_size
+            flops += 2 * h * w * kh * kw * layer.input.shape[-1] * c_out
+        elif isinstance(layer, keras.layers.Dense):
+            flops += 2 * layer.input.shape[-1] * layer.units
+    return 3.0 * flops
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """This machine's practical fp32 peak: a large TF matmul, median of a few."""
+    import tensorflow as tf
+
+    a = tf.random.normal((size, size))
+    b = tf.random.normal((size, size))
+    (a @ b).numpy()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        (a @ b).numpy()
+        times.append(time.perf_counter() - start)
+    return 2 * size ** 3 / statistics.median(times) / 1e9
+
+
+def plain_keras(cfg, train: dict, val: dict) -> dict:
+    """keras.fit in this process, the model and compile step exactly as the workers do."""
+    import keras
+    import tensorflow as tf
+
+    from cifar_ray.data import DataInfo
+    from cifar_ray.train import restore_or_build_model
+
+    info = DataInfo("synthetic", len(train["label"]), len(val["label"]), (0.5,) * 3, (0.25,) * 3)
+    model, _ = restore_or_build_model(cfg, info, None, len(train["label"]) // cfg.train.batch_size)
+
+    def dataset(d, training):
+        ds = tf.data.Dataset.from_tensor_slices((d["image"], tf.one_hot(d["label"], 10)))
+        ds = ds.shuffle(4 * cfg.train.batch_size) if training else ds
+        return ds.batch(cfg.train.batch_size, drop_remainder=training).prefetch(2)
+
+    epoch_times = []
+
+    class Timer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            epoch_times.append(time.perf_counter() - self.start)
+
+    model.fit(dataset(train, True), validation_data=dataset(val, False), epochs=cfg.train.epochs,
+              callbacks=[Timer()], verbose=0)
+    return {"epoch_times": epoch_times, "startup_s": 0.0, "model": model}
+
+
+def ray_train(cfg, workers: int) -> dict:
+    from cifar_ray.data import load_training_data
+    from cifar_ray.train import make_trainer, resolve_run
+
+    with tempfile.TemporaryDirectory() as storage:
+        run_cfg = resolve_run(cfg.with_overrides({"num_workers": workers, "storage_path": storage}),
+                              default_name=f"throughput-{workers}w-{time.time_ns()}")
+        start = time.perf_counter()
+        train, val, info = load_training_data(run_cfg.data, seed=0)
+        result = make_trainer(run_cfg, train, val, info).fit()
+        wall = time.perf_counter() - start
+    epoch_times = list(result.metrics_dataframe.sort_values("epoch")["epoch_time_s"])
+    return {"epoch_times": epoch_times, "startup_s": wall - sum(epoch_times)}
+
+
+def steady_rate(run: dict, images: int) -> float:
+    return images / statistics.median(run["epoch_times"][1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="notebook_cnn")
+    parser.add_argument("--images", type=int, default=8192, help="synthetic images (10%% held out)")
+    parser.add_argument("--batch-size", type=int, default=128, help="global batch")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2, help="N for the N-worker side")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+
+    import ray
+
+    from cifar_ray.config import PRESETS, with_recipe
+    from cifar_ray.data import make_synthetic_batch
+
+    cfg = with_recipe(PRESETS["default"], args.model).with_overrides({
+        "data": "synthetic", "synthetic_size": args.images, "augment": "none",
+        "batch_size": args.batch_size, "epochs": args.epochs})
+    ray.init(logging_level="ERROR", log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+    everything = make_synthetic_batch({"id": np.arange(args.images)}, seed=0)
+    split = int(args.images * (1 - cfg.data.val_fraction))
+    train = {k: v[:split] for k, v in everything.items()}
+    val = {k: v[split:] for k, v in everything.items()}
+
+    sides = {"plain keras.fit": lambda: plain_keras(cfg, train, val),
+             "Ray Train, 1 worker": lambda: ray_train(cfg, 1),
+             f"Ray Train, {args.workers} workers": lambda: ray_train(cfg, args.workers)}
+    results = {name: [] for name in sides}
+    flops = None
+    for round_ in range(args.rounds):
+        for name, side in sides.items():
+            run = side()
+            if "model" in run:  # the plain side hands back its model for the FLOP count
+                flops = training_flops_per_image(run.pop("model"))
+            results[name].append(run)
+            print(f"round {round_ + 1}  {name:<22} {steady_rate(run, split):7.0f} img/s  "
+                  f"start-up {run['startup_s']:5.1f} s  epochs {['%.1f' % t for t in run['epoch_times']]}",
+                  flush=True)
+
+    peak = matmul_gflops()
+    plain = statistics.median(steady_rate(r, split) for r in results["plain keras.fit"])
+    print(f"\nmodel {args.model}: {flops / 1e6:.0f} MFLOP per training image; "
+          f"fp32 matmul peak measured {peak:.0f} GFLOP/s; {split} training images, global batch {args.batch_size}")
+    print(f"{'side':<22} {'img/s':>7} {'vs plain':>8} {'start-up s':>10} {'GFLOP/s':>8} {'MFU':>6}")
+    for name, runs in results.items():
+        rate = statistics.median(steady_rate(r, split) for r in runs)
+        startup = statistics.median(r["startup_s"] for r in runs)
+        achieved = rate * flops / 1e9
+        print(f"{name:<22} {rate:>7.0f} {rate / plain:>7.2f}x {startup:>10.1f} {achieved:>8.0f} {achieved / peak:>6.1%}")
+
+
+if __name__ == "__main__":
+    main()
