@@ -150,6 +150,11 @@ MODEL_RECIPES = {
 }
 
 
+def choices_of(key: str) -> tuple:
+    """The allowed values of a config field, as declared on it."""
+    return next(f for f in fields(SECTIONS[_section_of(key)]) if f.name == key).metadata["choices"]
+
+
 def _section_of(key: str) -> str:
     for name, cls in SECTIONS.items():
         if key in {f.name for f in fields(cls)}:

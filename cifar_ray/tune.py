@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from cifar_ray.config import SECTIONS, Config, add_config_flags, config_from_args
+from cifar_ray.config import Config, add_config_flags, choices_of, config_from_args
 from cifar_ray.data import DataInfo
 from cifar_ray.models import MODELS
 from cifar_ray.train import SCORE_METRIC
@@ -53,9 +53,9 @@ def search_space(cfg: Config) -> dict:
     low, high = t.lr_range or (1e-4, 1e-1)
     return {
         "model": tune.choice(list(t.models or MODELS)),
-        "optimizer": tune.choice(list(t.optimizers or ("rmsprop", "adam", "sgd"))),
+        "optimizer": tune.choice(list(t.optimizers or choices_of("optimizer"))),
         "lr": tune.loguniform(low, high),
-        "augment": tune.choice(list(t.augments or ("none", "notebook", "crop_flip"))),
+        "augment": tune.choice(list(t.augments or choices_of("augment"))),
         "batch_size": tune.choice(list(t.batch_sizes or (64, 128, 256))),
     }
 

@@ -183,7 +183,8 @@ def test_training_job_runs_across_two_nodes(two_node_cluster, tmp_path):
     submit = subprocess.run(
         [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address,
          "--working-dir", str(ROOT), "--",
-         "python", "-m", "cifar_ray.train", "--preset", "smoke", "--synthetic-size", "300",
+         # Ray merges log lines that differ only in numbers; each worker's line must show.
+         "RAY_DEDUP_LOGS=0", "python", "-m", "cifar_ray.train", "--preset", "smoke", "--synthetic-size", "300",
          "--num-workers", "2", "--epochs", "1", "--name", "two-nodes", "--storage-path", str(runs)],
         env=env, capture_output=True, text=True, timeout=420)
     logs = submit.stdout + submit.stderr
