@@ -102,18 +102,35 @@ def evaluate_dataset(ds, checkpoint: str, data: dict, outs: tuple[str, ...] = ()
     return result
 
 
-def evaluate(checkpoint: str, data: str, out: str | None = None, num_actors: int = 1,
-             tta: bool = False) -> dict:
+def open_source_for(checkpoint: str, data: str):
+    """Check the checkpoint and the source, start Ray, and open the source's rows.
+
+    The checks come first, so a bad path fails in a second rather than after Ray starts.
+    """
     from cifar_ray.cli import init_ray
     from cifar_ray.data import check_source, read_source
 
-    with local_checkpoint(checkpoint) as directory:  # fail fast, before starting Ray
+    with local_checkpoint(checkpoint) as directory:
         load_checkpoint(directory, compile=False)
     check_source(data)
     init_ray()
+    return read_source(data, split="test")
+
+
+def add_inference_flags(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint, --data and --num-actors, shared by evaluate and predict."""
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder or URI")
+    parser.add_argument("--data", required=True,
+                        help="'cifar10' (its test split), 'synthetic', a Parquet folder/URI or an image folder")
+    parser.add_argument("--num-actors", type=int, default=1, help="model replicas predicting in parallel")
+
+
+def evaluate(checkpoint: str, data: str, out: str | None = None, num_actors: int = 1,
+             tta: bool = False) -> dict:
+    ds = open_source_for(checkpoint, data)
     split = "CIFAR-10 test split" if data == "cifar10" else "all rows"
-    return evaluate_dataset(read_source(data, split="test"), checkpoint,
-                            {"source": data, "split": split}, (out,) if out else (), num_actors, tta)
+    return evaluate_dataset(ds, checkpoint, {"source": data, "split": split},
+                            (out,) if out else (), num_actors, tta)
 
 
 def summary_line(metrics: dict) -> dict:
@@ -128,11 +145,8 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m cifar_ray.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint folder or URI")
-    parser.add_argument("--data", required=True,
-                        help="'cifar10' (its test split), 'synthetic', a Parquet folder/URI or an image folder")
+    add_inference_flags(parser)
     parser.add_argument("--out", help="write the metrics, figures and MODEL_CARD.md into this folder or URI")
-    parser.add_argument("--num-actors", type=int, default=1, help="model replicas predicting in parallel")
     parser.add_argument("--tta", action="store_true", help="average each image's and its mirror's predictions")
     args = parser.parse_args(argv)
     run_cli(lambda: print(json.dumps(summary_line(evaluate(args.checkpoint, args.data, args.out,

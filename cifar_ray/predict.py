@@ -31,16 +31,9 @@ def to_prediction_rows(batch: dict) -> dict:
 
 def predict(checkpoint: str, data: str, out: str, num_actors: int = 1) -> int:
     """Write predictions for every row of `data` as Parquet under `out`; return the row count."""
-    from cifar_ray.checkpoint import load_checkpoint, local_checkpoint
-    from cifar_ray.cli import init_ray
-    from cifar_ray.data import check_source, read_source
-    from cifar_ray.evaluate import predict_dataset
+    from cifar_ray.evaluate import open_source_for, predict_dataset
 
-    with local_checkpoint(checkpoint) as directory:  # fail fast, before starting Ray
-        load_checkpoint(directory, compile=False)
-    check_source(data)
-    init_ray()
-    predictions = predict_dataset(read_source(data, split="test"), checkpoint, num_actors)
+    predictions = predict_dataset(open_source_for(checkpoint, data), checkpoint, num_actors)
     predictions = predictions.map_batches(to_prediction_rows, batch_format="numpy").materialize()
     predictions.write_parquet(out if "://" in out else str(Path(out).resolve()))
     return predictions.count()
@@ -48,14 +41,12 @@ def predict(checkpoint: str, data: str, out: str, num_actors: int = 1) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     from cifar_ray.cli import run_cli
+    from cifar_ray.evaluate import add_inference_flags
 
     parser = argparse.ArgumentParser(prog="python -m cifar_ray.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint folder or URI")
-    parser.add_argument("--data", required=True,
-                        help="'cifar10' (its test split), 'synthetic', a Parquet folder/URI or an image folder")
+    add_inference_flags(parser)
     parser.add_argument("--out", required=True, help="folder or URI for the Parquet predictions")
-    parser.add_argument("--num-actors", type=int, default=1, help="model replicas predicting in parallel")
     args = parser.parse_args(argv)
     run_cli(lambda: print(f"wrote {predict(args.checkpoint, args.data, args.out, args.num_actors)} "
                           f"predictions to {args.out}"))

@@ -8,7 +8,8 @@ import pytest
 
 from conftest import make_images, write_parquet_folder
 
-STAGES = ["train", "evaluate"]
+STAGES = {"train": "--num-workers", "evaluate": "--tta", "predict": "--out", "tune": "--num-samples",
+          "serve": "--max-batch-size"}
 
 
 def cli(stage, *args, env=None, timeout=240):
@@ -16,11 +17,11 @@ def cli(stage, *args, env=None, timeout=240):
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", sorted(STAGES))
 def test_help(stage):
     result = cli(stage, "--help")
     assert result.returncode == 0
-    assert f"python -m cifar_ray.{stage}" in result.stdout and "--data" in result.stdout
+    assert f"python -m cifar_ray.{stage}" in result.stdout and STAGES[stage] in result.stdout
 
 
 def test_train_with_missing_data_path_fails_in_one_line(tmp_path):
