@@ -50,14 +50,23 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = _f(20, "number of epochs")
     batch_size: int = _f(128, "global batch size, split evenly across workers")
+    per_worker_batch_size: Optional[int] = _f(
+        None, "batch per worker; sets the global batch to this x --num-workers (wins over --batch-size)")
     optimizer: str = _f("rmsprop", "optimizer", ("rmsprop", "adam", "sgd"))
     lr: float = _f(1e-3, "peak learning rate")
+    lr_batch_size: Optional[int] = _f(
+        None, "global batch size --lr is meant for; the LR is scaled linearly to the actual "
+        "global batch (default: --lr as given)")
     schedule: str = _f("constant", "learning-rate schedule", ("constant", "cosine"))
     warmup_epochs: float = _f(0.0, "linear warmup before the schedule (epochs)")
     momentum: float = _f(0.9, "momentum for sgd (Nesterov)")
     weight_decay: float = _f(0.0, "decoupled weight decay (0 disables)")
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy loss")
     seed: int = _f(0, "seed for the split, weights and shuffling")
+    mixed_precision: bool = _f(True, "mixed precision: float16 on GPUs, bfloat16 on CPUs with "
+                               "native bf16 (AMX/AVX512-BF16), float32 elsewhere")
+    jit_compile: bool = _f(False, "XLA-compile the train step (pays on GPUs; slower on CPUs)")
+    steps_per_execution: int = _f(1, "train steps per tf.function call (raise on GPUs)")
 
 
 @dataclass(frozen=True)
@@ -144,7 +153,8 @@ PRESETS = {
 
 # Defaults a model brings with it, applied when it is chosen, under YAML and flags.
 MODEL_RECIPES = {
-    "fast_resnet": {"epochs": 14, "batch_size": 256, "optimizer": "sgd", "lr": 0.2, "momentum": 0.9,
+    "fast_resnet": {"epochs": 14, "batch_size": 256, "optimizer": "sgd", "lr": 0.2, "lr_batch_size": 256,
+                    "momentum": 0.9,
                     "schedule": "cosine", "warmup_epochs": 1.0, "weight_decay": 5e-4,
                     "label_smoothing": 0.1, "augment": "crop_flip"},
 }
@@ -248,6 +258,22 @@ def config_from_args(args: argparse.Namespace) -> Config:
     preset = PRESETS[args.preset]
     model = from_flags.get("model", from_yaml.get("model", preset.model.model))
     return with_recipe(preset, model).with_overrides({**from_yaml, **from_flags})
+
+
+def with_global_batch(cfg: Config) -> Config:
+    """Resolve the global batch (--per-worker-batch-size x workers) and scale the LR to it.
+
+    Linear scaling (Goyal et al., 2017): an LR tuned for a global batch of --lr-batch-size
+    is multiplied by global batch / lr-batch-size. The resolved values replace the inputs,
+    so resolving twice changes nothing and checkpoints record what was actually used.
+    """
+    t, workers = cfg.train, cfg.scaling.num_workers
+    batch = t.per_worker_batch_size * workers if t.per_worker_batch_size else t.batch_size
+    if batch % workers:
+        raise ValueError(f"global batch {batch} does not split evenly across {workers} workers")
+    lr = t.lr * batch / t.lr_batch_size if t.lr_batch_size else t.lr
+    return cfg.with_overrides({"batch_size": batch, "per_worker_batch_size": None,
+                               "lr": lr, "lr_batch_size": None})
 
 
 def with_recipe(cfg: Config, model: str) -> Config:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import keras
 
-from cifar_ray.config import CLASS_NAMES, Config, add_config_flags, config_from_args
+from cifar_ray.config import CLASS_NAMES, Config, add_config_flags, config_from_args, with_global_batch
 from cifar_ray.data import AUGMENT_TASK_CPUS, DataInfo, check_source
 
 SCORE_METRIC = "val_accuracy"
@@ -51,9 +51,12 @@ def train_loop_per_worker(loop_config: dict) -> keras.Model:
     cfg = Config.from_dict(loop_config["config"])
     info = DataInfo(**loop_config["data_info"])
     context = ray.train.get_context()
+    policy = precision_policy(cfg.train.mixed_precision, cfg.scaling.use_gpu)
     print(f"worker {context.get_world_rank()}/{context.get_world_size()} on node "
-          f"{ray.get_runtime_context().get_node_id()}", file=sys.__stdout__, flush=True)
+          f"{ray.get_runtime_context().get_node_id()}, batch "
+          f"{cfg.train.batch_size // context.get_world_size()}, {policy}", file=sys.__stdout__, flush=True)
     configure_tensorflow(loop_config["threads"])
+    keras.mixed_precision.set_global_policy(policy)
     patch_keras_multi_worker()
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
 
@@ -81,6 +84,25 @@ def configure_tensorflow(threads: int) -> None:
     tf.config.threading.set_inter_op_parallelism_threads(threads)
 
 
+def precision_policy(mixed_precision: bool, use_gpu: bool) -> str:
+    """The Keras dtype policy: mixed where the hardware computes in 16 bits natively."""
+    if not mixed_precision:
+        return "float32"
+    if use_gpu:
+        return "mixed_float16"
+    return "mixed_bfloat16" if cpu_has_native_bf16() else "float32"
+
+
+def cpu_has_native_bf16() -> bool:
+    """AMX or AVX512-BF16: oneDNN then runs bfloat16 convolutions about 2x faster than float32
+    (benchmarks/README.md); without them bfloat16 is emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def restore_or_build_model(cfg: Config, info: DataInfo, checkpoint, steps_per_epoch: int):
     """(model, history so far): from the latest checkpoint when resuming, else fresh."""
     from cifar_ray.checkpoint import load_checkpoint
@@ -97,6 +119,8 @@ def restore_or_build_model(cfg: Config, info: DataInfo, checkpoint, steps_per_ep
         optimizer=build_optimizer(cfg.train, steps_per_epoch),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.train.label_smoothing),
         metrics=["accuracy"],
+        jit_compile=cfg.train.jit_compile,
+        steps_per_execution=cfg.train.steps_per_execution,
     )
     return model, []
 
@@ -190,7 +214,7 @@ def run(cfg: Config, train_loop=train_loop_per_worker) -> dict:
     """Train as configured; return the run's summary (also written to summary.json)."""
     from cifar_ray.data import load_training_data
 
-    cfg = resolve_run(cfg, default_name=datetime.now().strftime("train-%Y%m%d-%H%M%S"))
+    cfg = with_global_batch(resolve_run(cfg, default_name=datetime.now().strftime("train-%Y%m%d-%H%M%S")))
     check_storage_writable(cfg.run.storage_path)
     started = time.perf_counter()
     train, val, info = load_training_data(cfg.data, seed=cfg.train.seed)

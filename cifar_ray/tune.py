@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from cifar_ray.config import Config, add_config_flags, choices_of, config_from_args
+from cifar_ray.config import Config, add_config_flags, choices_of, config_from_args, with_global_batch
 from cifar_ray.data import DataInfo
 from cifar_ray.models import MODELS
 from cifar_ray.train import SCORE_METRIC
@@ -93,8 +93,8 @@ def run_trial(params: dict, base: dict, train, val, info: DataInfo, trials_dir: 
 
     from cifar_ray.train import make_trainer, write_run_outputs
 
-    cfg = Config.from_dict(base).with_overrides(
-        {**params, "name": tune.get_context().get_trial_id(), "storage_path": trials_dir})
+    cfg = with_global_batch(Config.from_dict(base).with_overrides(
+        {**params, "name": tune.get_context().get_trial_id(), "storage_path": trials_dir}))
     started = time.perf_counter()
     result = make_trainer(cfg, train, val, info, callbacks=(TuneReportCallback(),)).fit()
     write_run_outputs(cfg, result, wall_time_s=time.perf_counter() - started)
