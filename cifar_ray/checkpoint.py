@@ -147,13 +147,36 @@ def read_file(directory: str, name: str) -> bytes:
         return f.read()
 
 
-def best_checkpoint_in(run_dir: str, metric: str = "val_accuracy") -> str:
-    """The checkpoint folder (epoch_NNNN) of a Ray Train run with the highest `metric`."""
+def checkpoint_names(run_dir: str) -> list[str]:
+    """The complete checkpoint folders (epoch_NNNN) of a Ray Train run, oldest first.
+
+    A folder whose upload was cut short (a worker killed while saving) lacks a file and
+    is left out; Ray Train never registered it, so resuming skips it too.
+    """
     import pyarrow.fs
 
     fs, path = pyarrow.fs.FileSystem.from_uri(run_dir if "://" in run_dir else str(Path(run_dir).resolve()))
-    names = [i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(path))
-             if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("epoch_")]
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    folders = [i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
+               and i.base_name.startswith("epoch_")]
+    return sorted(f.rstrip("/").rsplit("/", 1)[-1] for f in folders if _is_complete(fs, f))
+
+
+def _is_complete(fs, folder: str) -> bool:
+    """metadata.json is there and model.keras ends as a zip archive ends (not cut short)."""
+    import pyarrow.fs
+
+    meta, model = fs.get_file_info([f"{folder}/{METADATA_FILE}", f"{folder}/{MODEL_FILE}"])
+    if meta.type != pyarrow.fs.FileType.File or model.type != pyarrow.fs.FileType.File or model.size < 22:
+        return False
+    with fs.open_input_file(model.path) as f:
+        f.seek(model.size - 22)
+        return f.read(4) == b"PK\x05\x06"  # zip end-of-central-directory record
+
+
+def best_checkpoint_in(run_dir: str, metric: str = "val_accuracy") -> str:
+    """The checkpoint folder (epoch_NNNN) of a Ray Train run with the highest `metric`."""
+    names = checkpoint_names(run_dir)
     if not names:
         raise CheckpointError(f"{run_dir}: no checkpoints")
     score = {n: json.loads(read_file(f"{run_dir.rstrip('/')}/{n}", METADATA_FILE))["metrics"][metric]

@@ -9,6 +9,14 @@ from typing import Callable
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError)
 
 
+class TrainingFailed(RuntimeError):
+    """Training stopped after --max-failures restarts; its checkpoints are kept.
+
+    Defined here, not in train.py: under `python -m cifar_ray.train` that module is
+    __main__, and its classes would not match the ones this module checks for.
+    """
+
+
 def init_ray() -> None:
     """Join the cluster this runs on (a job, RAY_ADDRESS, `ray start`), or start a local one."""
     import ray
@@ -29,7 +37,7 @@ def find_user_error(error: BaseException) -> BaseException | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        ours = (DataSourceError, CheckpointError)
+        ours = (DataSourceError, CheckpointError, TrainingFailed)
         if isinstance(e, ours) and not isinstance(getattr(e, "cause", None), ours):
             return e  # the innermost one: Ray's wrappers subclass the cause's type too
         stack += [getattr(e, "cause", None), e.__cause__, e.__context__]

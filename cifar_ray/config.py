@@ -38,6 +38,8 @@ class DataConfig:
     limit: Optional[int] = _f(None, "use only the first N training images (after the split)")
     augment: str = _f("crop_flip", "training augmentation", ("crop_flip", "notebook", "none"))
     synthetic_size: int = _f(2000, "number of images in the 'synthetic' data set")
+    skip_bad_rows: bool = _f(False, "count, report and skip undecodable images and out-of-range "
+                             "labels instead of stopping at the first")
 
 
 @dataclass(frozen=True)

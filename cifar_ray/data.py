@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,25 +38,35 @@ class DataInfo:
     num_val: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    skipped_rows: int = 0  # bad rows left out with --skip-bad-rows
 
 
 # ---------------------------------------------------------------------------------------
 # Sources
 # ---------------------------------------------------------------------------------------
 
-def read_source(spec: str, *, split: str = "train", synthetic_size: int = 2000, seed: int = 0):
+def read_source(spec: str, *, split: str = "train", synthetic_size: int = 2000, seed: int = 0,
+                skip_bad_rows: bool = False):
     """Open a data source by name or path as a Ray Dataset of decoded images.
 
-    `split` only matters for `cifar10`, the one source that ships a test split.
+    `split` only matters for `cifar10`, the one source that ships a test split. A bad row
+    (undecodable image, wrong size, label out of range) stops the read with an error naming
+    its file and row; with `skip_bad_rows` it is reported and flagged `ok == False` instead
+    (see `drop_bad_rows`).
     """
     if spec == "cifar10":
         return _read_keras_cifar10(split)
     if spec == "synthetic":
         return _read_synthetic(synthetic_size, seed=seed + (0 if split == "train" else 1))
     check_source(spec)
+    import ray.data
+
+    # a bad row's DataSourceError reaches the caller as itself, not as Ray's generic wrapper
+    ray.data.DataContext.get_current().raise_original_map_exception = True
+    decode = {"fn_kwargs": {"skip_bad_rows": skip_bad_rows}, "batch_format": "numpy"}
     if "://" in spec or _contains_parquet(Path(spec)):
-        return _read_parquet(spec)
-    return _read_image_folder(spec)
+        return _read_parquet(spec).map_batches(decode_batch, **decode)
+    return _read_image_folder(spec).map_batches(decode_batch, **decode)
 
 
 def check_source(spec: str) -> None:
@@ -71,18 +82,29 @@ def _contains_parquet(path: Path) -> bool:
 
 
 def _read_parquet(uri: str):
+    """Encoded rows (image, label, path) of every Parquet file under `uri`, schema checked."""
     import ray.data
 
-    ds = ray.data.read_parquet(uri).select_columns(["image", "label"])
-    return ds.map_batches(decode_batch, batch_format="numpy")
+    try:
+        ds = ray.data.read_parquet(uri, include_paths=True)
+        columns = ds.schema().names
+    except (ValueError, OSError) as e:  # no files, unreadable footer, ...
+        raise DataSourceError(f"--data {uri}: cannot read Parquet ({str(e).splitlines()[0]})") from None
+    missing = [c for c in ("image", "label") if c not in columns]
+    if missing:
+        raise DataSourceError(f"--data {uri}: missing column(s) {', '.join(missing)} "
+                              f"(found {', '.join(c for c in columns if c != 'path')})")
+    return ds.select_columns(["image", "label", "path"])
 
 
 def _read_image_folder(root: str):
     import ray.data
 
-    ds = ray.data.read_binary_files(root, include_paths=True, file_extensions=IMAGE_EXTENSIONS)
-    return ds.map_batches(label_from_folder, batch_format="numpy").map_batches(
-        decode_batch, batch_format="numpy")
+    try:
+        ds = ray.data.read_binary_files(root, include_paths=True, file_extensions=IMAGE_EXTENSIONS)
+    except (ValueError, OSError) as e:
+        raise DataSourceError(f"--data {root}: no images found ({str(e).splitlines()[0]})") from None
+    return ds.map_batches(label_from_folder, batch_format="numpy")
 
 
 def _read_keras_cifar10(split: str):
@@ -123,14 +145,59 @@ def make_synthetic_batch(batch: dict, seed: int) -> dict:
 # Decoding
 # ---------------------------------------------------------------------------------------
 
-def decode_batch(batch: dict) -> dict:
-    """Encoded PNG/JPEG bytes -> uint8 HWC images; labels checked against the classes."""
-    images = np.stack([decode_image(b) for b in batch["image"]])
+def decode_batch(batch: dict, skip_bad_rows: bool = False) -> dict:
+    """Encoded PNG/JPEG bytes -> uint8 HWC images; labels checked against the classes.
+
+    A bad row raises DataSourceError naming its file and row, or, with `skip_bad_rows`,
+    is reported on stderr and kept as a black image with `ok == False`.
+    """
+    images = np.zeros((len(batch["label"]), *IMAGE_SHAPE), np.uint8)
     labels = np.asarray(batch["label"], dtype=np.int64)
-    bad = (labels < 0) | (labels >= NUM_CLASSES)
-    if bad.any():
-        raise DataSourceError(f"label {labels[bad][0]} is out of range 0..{NUM_CLASSES - 1}")
-    return {"image": images, "label": labels}
+    ok = np.ones(len(labels), bool)
+    for i, (data, label) in enumerate(zip(batch["image"], labels)):
+        try:
+            if not 0 <= label < NUM_CLASSES:
+                raise DataSourceError(f"label {label} is out of range 0..{NUM_CLASSES - 1}")
+            images[i] = decode_image(data)
+        except DataSourceError as e:
+            where = locate_row(batch, i)
+            if not skip_bad_rows:
+                raise DataSourceError(f"{where}: {e} (fix or remove it, or pass --skip-bad-rows)") from None
+            print(f"skipping bad row, {where}: {e}", file=sys.stderr, flush=True)
+            ok[i] = False
+    decoded = {"image": images, "label": np.where(ok, labels, 0)}
+    return {**decoded, "ok": ok} if skip_bad_rows else decoded
+
+
+def locate_row(batch: dict, i: int) -> str:
+    """'<file> row <n>' for row i of a batch: an image file, or the row's place in its
+    Parquet file, found by matching its contents (only done for bad rows)."""
+    if "path" not in batch:
+        return f"row {i} of its batch"
+    path = str(batch["path"][i])
+    if not path.endswith(".parquet"):
+        return path
+    import pyarrow.parquet as pq
+
+    image, label = batch["image"][i], int(batch["label"][i])
+    offset = 0
+    try:
+        for chunk in pq.ParquetFile(path).iter_batches(columns=["image", "label"]):
+            images, labels = chunk.column("image").to_pylist(), chunk.column("label").to_pylist()
+            for n, (other, other_label) in enumerate(zip(images, labels)):
+                if other == image and other_label == label:
+                    return f"{path} row {offset + n}"
+            offset += chunk.num_rows
+    except OSError:  # a remote path (bucket/key): the file name alone still helps
+        pass
+    return path
+
+
+def drop_bad_rows(ds):
+    """(rows that decoded, number skipped) of a dataset read with skip_bad_rows."""
+    ds = ds.materialize()
+    good = ds.filter(lambda row: row["ok"]).drop_columns(["ok"]).materialize()
+    return good, ds.count() - good.count()
 
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # larger headers are refused before decoding (bombs)
@@ -170,7 +237,8 @@ def label_from_folder(batch: dict) -> dict:
     if unknown:
         raise DataSourceError(f"image folder has unknown class folder(s) {unknown}; "
                               f"expected names from {', '.join(CLASS_NAMES)}")
-    return {"image": batch["bytes"], "label": np.array([CLASS_NAMES.index(n) for n in names])}
+    return {"image": batch["bytes"], "label": np.array([CLASS_NAMES.index(n) for n in names]),
+            "path": batch["path"]}
 
 
 # ---------------------------------------------------------------------------------------
@@ -183,7 +251,15 @@ def load_training_data(cfg: DataConfig, seed: int):
     Both splits are materialized in the object store: decoding happens once, and the
     Ray Train workers never wait on reads competing with them for CPUs.
     """
-    ds = read_source(cfg.data, split="train", synthetic_size=cfg.synthetic_size, seed=seed)
+    ds = read_source(cfg.data, split="train", synthetic_size=cfg.synthetic_size, seed=seed,
+                     skip_bad_rows=cfg.skip_bad_rows)
+    skipped = 0
+    if cfg.skip_bad_rows:
+        ds, skipped = drop_bad_rows(ds)
+        print(f"skipped {skipped} bad row(s) of {cfg.data}", file=sys.stderr, flush=True)
+    ds = ds.materialize()  # decoding happens once, here
+    if ds.count() == 0:
+        raise DataSourceError(f"--data {cfg.data}: no images (empty source)")
     train, val = ds.train_test_split(test_size=cfg.val_fraction, shuffle=True, seed=seed)
     if train.count() == 0 or val.count() == 0:
         raise DataSourceError(f"--data {cfg.data}: too few images for a train/validation split")
@@ -191,7 +267,7 @@ def load_training_data(cfg: DataConfig, seed: int):
         train = train.limit(cfg.limit).materialize()
     mean, std = compute_normalization(train)
     info = DataInfo(source=cfg.data, num_train=train.count(), num_val=val.count(),
-                    mean=tuple(mean), std=tuple(std))
+                    mean=tuple(mean), std=tuple(std), skipped_rows=skipped)
     return train, val, info
 
 

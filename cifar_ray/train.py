@@ -220,11 +220,33 @@ def run(cfg: Config, train_loop=train_loop_per_worker) -> dict:
     train, val, info = load_training_data(cfg.data, seed=cfg.train.seed)
     print(f"data: {info.num_train} training / {info.num_val} validation images from {info.source}", flush=True)
 
-    result = make_trainer(cfg, train, val, info, train_loop).fit()
+    result = fit_or_explain(make_trainer(cfg, train, val, info, train_loop), cfg)
     summary = write_run_outputs(cfg, result, wall_time_s=time.perf_counter() - started)
     audit_best_checkpoint(summary, val, info)
     export_best(summary["best_checkpoint"], cfg.run.storage_path)
     return summary
+
+
+def fit_or_explain(trainer, cfg: Config):
+    """trainer.fit(), turning a worker group that kept failing into one clear message."""
+    import ray.train
+
+    from cifar_ray.checkpoint import checkpoint_names
+    from cifar_ray.cli import TrainingFailed, find_user_error
+
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        if find_user_error(e) is not None:  # bad data or checkpoint: its own message says more
+            raise
+        causes = list(getattr(e, "worker_failures", {}).values()) or [e]
+        cause = str(causes[0]).strip().splitlines()[0][:200].rstrip(".")
+        run_dir = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
+        kept = checkpoint_names(run_dir)
+        raise TrainingFailed(
+            f"training failed after {cfg.run.max_failures} restart(s) (--max-failures): {cause}. "
+            f"{len(kept)} checkpoint(s) kept in {run_dir} (latest {kept[-1] if kept else 'none'}); "
+            f"rerun with --name {cfg.run.name} to resume") from None
 
 
 def resolve_run(cfg: Config, default_name: str) -> Config:

@@ -50,6 +50,75 @@ def test_decode_rejects_bad_rows():
         decode_batch({"image": [b"not an image"], "label": np.array([1])})
     with pytest.raises(DataSourceError, match="expected 32x32"):
         decode_batch({"image": [encode(np.zeros((31, 32, 3), np.uint8))], "label": np.array([1])})
+    with pytest.raises(DataSourceError, match="empty image"):
+        decode_batch({"image": [b""], "label": np.array([1])})
+
+
+def test_decode_can_flag_bad_rows_instead(capsys):
+    image = make_images(1)[0][0]
+    batch = {"image": [encode(image), b"\x89PNG truncated", encode(image)], "label": np.array([3, 1, 12])}
+    out = decode_batch(batch, skip_bad_rows=True)
+    assert out["ok"].tolist() == [True, False, False]
+    assert np.array_equal(out["image"][0], image) and out["label"][0] == 3
+    assert capsys.readouterr().err.count("skipping bad row") == 2
+
+
+def corrupt_parquet(tmp_path, n=30):
+    """A two-file Parquet source whose second file has a truncated image at row 4 and
+    label 11 at row 9 (rows counted from 0 within the file)."""
+    import pyarrow.parquet as pq
+
+    images, labels = make_images(n)
+    root = write_parquet_folder(tmp_path / "pq", images, labels)
+    path = root / "part-001.parquet"
+    table = pq.read_table(path).to_pydict()
+    table["image"][4] = table["image"][4][:40]
+    table["label"][9] = 11
+    pq.write_table(pa_table(table), path)
+    return root, path
+
+
+def pa_table(columns: dict):
+    import pyarrow as pa
+
+    return pa.table({"image": pa.array(columns["image"], pa.binary()),
+                     "label": pa.array(columns["label"], pa.int64())})
+
+
+def test_bad_parquet_row_is_named_by_file_and_row(ray_cluster, tmp_path):
+    root, path = corrupt_parquet(tmp_path)
+    with pytest.raises(Exception) as caught:
+        load_training_data(DataConfig(data=str(root), val_fraction=0.2), seed=0)
+    from cifar_ray.cli import find_user_error
+
+    message = str(find_user_error(caught.value))
+    assert f"{path} row 4" in message or f"{path} row 9" in message, message
+    assert "--skip-bad-rows" in message
+
+
+def test_skip_bad_rows_counts_and_skips_them(ray_cluster, tmp_path):
+    root, _ = corrupt_parquet(tmp_path)
+    train, val, info = load_training_data(DataConfig(data=str(root), val_fraction=0.2,
+                                                     skip_bad_rows=True), seed=0)
+    assert info.skipped_rows == 2
+    assert train.count() + val.count() == 28
+    assert set(train.columns()) == {"image", "label"}
+
+
+def test_empty_source_and_missing_column_are_one_line_errors(ray_cluster, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "empty").mkdir()
+    pq.write_table(pa_table({"image": [], "label": []}), tmp_path / "empty" / "part-0.parquet")
+    with pytest.raises(DataSourceError, match="no images"):
+        load_training_data(DataConfig(data=str(tmp_path / "empty")), seed=0)
+
+    (tmp_path / "nolabel").mkdir()
+    pq.write_table(pa.table({"image": [encode(make_images(1)[0][0])], "class": [1]}),
+                   tmp_path / "nolabel" / "part-0.parquet")
+    with pytest.raises(DataSourceError, match=r"missing column\(s\) label \(found image, class\)"):
+        read_source(str(tmp_path / "nolabel"))
 
 
 def test_missing_path_is_a_clear_error(tmp_path):

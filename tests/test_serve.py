@@ -1,6 +1,8 @@
 """Serving: a real HTTP server on localhost (Ray Serve) over a checkpoint the tests trained."""
 
+import importlib.util
 import io
+import shutil
 import socket
 import struct
 import zlib
@@ -15,6 +17,10 @@ from conftest import encode, make_images
 from cifar_ray.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
+# the load generator of benchmarks/serve_load.py, shared by the shortened CI test below
+_spec = importlib.util.spec_from_file_location("serve_load", ROOT / "benchmarks" / "serve_load.py")
+serve_load = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(serve_load)
 
 
 def free_port() -> int:
@@ -134,6 +140,15 @@ BAD_REQUESTS = {
                                              "headers": {"content-type": "application/json"}}, 400),
     "json invalid": ("/predict/json", {"data": b"{image:", "headers": {"content-type": "application/json"}}, 400),
     "top_k out of range": ("/predict/json?top_k=0", {"json": {"image": np.zeros((32, 32, 3)).tolist()}}, 422),
+    "top_k not a number": ("/predict/json?top_k=abc", {"json": {"image": np.zeros((32, 32, 3)).tolist()}}, 422),
+    "json 31x32 pixels": ("/predict/json", {"json": {"image": np.zeros((31, 32, 3)).tolist()}}, 422),
+    "json 4 channels": ("/predict/json", {"json": {"image": np.zeros((32, 32, 4)).tolist()}}, 422),
+    "json negative pixels": ("/predict/json", {"json": {"image": np.full((32, 32, 3), -1).tolist()}}, 422),
+    "json null image": ("/predict/json", {"json": {"image": None}}, 422),
+    "json empty batch": ("/predict/json", {"json": {"images": []}}, 422),
+    "multipart empty file": ("/predict", {"files": {"file": ("x.png", b"", "image/png")}}, 400),
+    "png signature only": ("/predict", {"data": b"\x89PNG\r\n\x1a\n", "headers": {"content-type": "image/png"}}, 400),
+    "unknown path": ("/nowhere", {"data": b"", "headers": {"content-type": "image/png"}}, 404),
 }
 
 
@@ -165,3 +180,62 @@ def test_checkpoint_env_var_overrides_args(monkeypatch, tmp_path):
     assert serve_config_from_args({"checkpoint": "s3://b/ckpt"}).checkpoint == "s3://b/ckpt"
     monkeypatch.setenv("CIFAR_RAY_CHECKPOINT", str(tmp_path))
     assert serve_config_from_args({"checkpoint": "s3://b/ckpt"}).checkpoint == str(tmp_path)
+
+
+def test_damaged_checkpoint_keeps_healthz_unready_and_says_why(endpoint, tmp_path):
+    """A replica whose checkpoint will not load stays up, answers 503 with the reason on
+    /healthz and /predict, and is not restarted in a loop."""
+    from dataclasses import asdict
+
+    from ray import serve
+
+    from cifar_ray.serve import Classifier, serve_config_from_args
+
+    url, checkpoint = endpoint
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    model_file = broken / "model.keras"
+    model_file.write_bytes(model_file.read_bytes()[:1000])
+    cfg = serve_config_from_args({"checkpoint": str(broken)})
+    serve.run(Classifier.options(ray_actor_options={"num_cpus": 0}).bind(asdict(cfg)),
+              name="cifar-broken", route_prefix="/broken")
+    try:
+        health = requests.get(f"{url}/broken/healthz", timeout=30)
+        assert health.status_code == 503
+        assert "cannot be loaded" in health.json()["detail"] and str(broken) in health.json()["detail"]
+        predict = requests.post(f"{url}/broken/predict/json", json={"image": np.zeros((32, 32, 3)).tolist()},
+                                timeout=30)
+        assert predict.status_code == 503
+        status = serve.status().applications["cifar-broken"]
+        assert status.status == "RUNNING"  # up and explaining, not crash-looping
+    finally:
+        serve.delete("cifar-broken")
+
+
+def test_killed_replica_under_load_loses_at_most_one_percent(endpoint, ray_cluster):
+    """Two replicas under 16 concurrent clients; one is SIGKILLed. At most 1% of requests
+    fail, Serve replaces the replica, and a later burst succeeds in full."""
+    import asyncio
+    from dataclasses import asdict
+
+    from ray import serve
+
+    from cifar_ray.serve import Classifier, serve_config_from_args
+
+    url, checkpoint = endpoint
+    cfg = serve_config_from_args({"checkpoint": checkpoint})
+    serve.run(Classifier.options(num_replicas=2, max_ongoing_requests=32, ray_actor_options={"num_cpus": 0})
+              .bind(asdict(cfg)), name="cifar-kill", route_prefix="/kill")
+    try:
+        body = encode(make_images(1)[0][0], "JPEG")
+        asyncio.run(serve_load.load(f"{url}/kill/predict", body, 4, 1.0))  # warm-up
+        result = asyncio.run(serve_load.load_with_replica_kill(
+            f"{url}/kill/predict", body, concurrency=16, seconds=15.0, app="cifar-kill", kill_at=4.0,
+            address=ray_cluster))
+        assert result["requests"] > 200
+        assert result["errors"] <= 0.01 * result["requests"], result["errors"]
+        assert result["replaced_after_s"] is not None and result["replaced_after_s"] < 120
+        after = asyncio.run(serve_load.load(f"{url}/kill/predict", body, 16, 3.0))
+        assert after["errors"] == 0 and after["requests"] > 0
+    finally:
+        serve.delete("cifar-kill")

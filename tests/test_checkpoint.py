@@ -1,0 +1,72 @@
+"""Checkpoint safety: damaged or incompatible checkpoints get one clear error everywhere."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from cifar_ray.checkpoint import METADATA_FILE, MODEL_FILE, CheckpointError, load_checkpoint
+
+
+def damage(checkpoint, kind: str, tmp_path):
+    """A copy of `checkpoint` with one kind of damage, and the error text it must cause."""
+    copy = tmp_path / kind
+    shutil.copytree(checkpoint, copy)
+    if kind == "incompatible version":
+        metadata = json.loads((copy / METADATA_FILE).read_text())
+        (copy / METADATA_FILE).write_text(json.dumps({**metadata, "format_version": 99}))
+        return copy, "checkpoint format version 99"
+    if kind == "missing model":
+        (copy / MODEL_FILE).unlink()
+        return copy, f"{MODEL_FILE} is missing"
+    if kind == "corrupt model":
+        data = (copy / MODEL_FILE).read_bytes()
+        (copy / MODEL_FILE).write_bytes(data[: len(data) // 2])  # a half-written upload
+        return copy, "cannot be loaded"
+    if kind == "missing metadata":
+        (copy / METADATA_FILE).unlink()
+        return copy, "not a cifar-ray checkpoint"
+    if kind == "corrupt metadata":
+        (copy / METADATA_FILE).write_text('{"format_version": 1, "mod')
+        return copy, "corrupt metadata"
+    raise ValueError(kind)
+
+
+KINDS = ["incompatible version", "missing model", "corrupt model", "missing metadata", "corrupt metadata"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_damaged_checkpoint_raises_checkpoint_error(two_worker_run, tmp_path, kind):
+    _, summary, _ = two_worker_run
+    path, expected = damage(summary["best_checkpoint"], kind, tmp_path)
+    with pytest.raises(CheckpointError, match=expected):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "predict"])
+@pytest.mark.parametrize("kind", ["incompatible version", "missing model", "corrupt model"])
+def test_cli_reports_a_damaged_checkpoint_in_one_line(two_worker_run, tmp_path, stage, kind):
+    _, summary, _ = two_worker_run
+    path, expected = damage(summary["best_checkpoint"], kind, tmp_path)
+    extra = ["--out", str(tmp_path / "out")] if stage == "predict" else []
+    result = subprocess.run([sys.executable, "-m", f"cifar_ray.{stage}", "--checkpoint", str(path),
+                             "--data", "synthetic", *extra], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and expected in last and str(path) in last
+
+
+def test_models_load_in_safe_mode(two_worker_run, tmp_path):
+    """A model.keras carrying a Lambda layer (arbitrary Python) is refused, not run."""
+    import keras
+
+    _, summary, _ = two_worker_run
+    path = tmp_path / "lambda"
+    shutil.copytree(summary["best_checkpoint"], path)
+    inputs = keras.Input((32, 32, 3))
+    keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2)(inputs)).save(path / MODEL_FILE)
+    with pytest.raises(CheckpointError, match="safe_mode"):
+        load_checkpoint(path)

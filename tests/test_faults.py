@@ -1,0 +1,152 @@
+"""Training faults: killed workers, a killed driver, too many failures, unwritable storage.
+
+Each test runs `python -m cifar_ray.train` as its own driver process on the session's
+Ray cluster and kills real processes with SIGKILL: the training workers, found through
+Ray's state API, or the driver itself. Every wait is bounded.
+"""
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cifar_ray.checkpoint import checkpoint_names, load_checkpoint, read_metadata
+
+SMOKE = ["--preset", "smoke", "--synthetic-size", "1200", "--batch-size", "32", "--num-workers", "2"]
+
+
+def start_training(storage: Path, name: str, *args: str, env: dict) -> subprocess.Popen:
+    log = open(storage.parent / f"{name}.log", "w")
+    return subprocess.Popen([sys.executable, "-m", "cifar_ray.train", *SMOKE, "--storage-path", str(storage),
+                             "--name", name, *args], env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise TimeoutError(f"gave up after {timeout:.0f} s waiting for {what}")
+
+
+def train_worker_pids(address: str) -> set[int]:
+    """PIDs of the live Ray Train workers, from Ray's state API."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"),
+                                                   ("state", "=", "ALIVE")], detail=True)
+    return {a.pid for a in actors if a.pid}
+
+
+def history_epochs(run_dir: Path) -> list[int]:
+    with open(run_dir / "history.csv") as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f)]
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> str:
+    process.wait(timeout=timeout)
+    return (Path(process.args[process.args.index("--storage-path") + 1]).parent
+            / f"{process.args[process.args.index('--name') + 1]}.log").read_text()
+
+
+@pytest.fixture
+def storage(tmp_path):
+    return tmp_path / "runs"
+
+
+def test_workers_killed_twice_back_to_back_the_run_finishes(ray_cluster, subprocess_env, storage):
+    process = start_training(storage, "kill2", "--epochs", "4", "--max-failures", "2", env=subprocess_env)
+    try:
+        wait_for(lambda: checkpoint_names(str(storage / "kill2")), 240, "the first checkpoint")
+        first = wait_for(lambda: train_worker_pids(ray_cluster), 60, "train workers")
+        os.kill(min(first), signal.SIGKILL)  # mid-epoch 2
+        second = wait_for(lambda: train_worker_pids(ray_cluster) - first, 120, "restarted train workers")
+        os.kill(min(second), signal.SIGKILL)  # again, while the group recovers
+        log = finish(process)
+    finally:
+        process.kill()
+    assert process.returncode == 0, log[-3000:]
+    run_dir = storage / "kill2"
+    assert history_epochs(run_dir) == [1, 2, 3, 4]  # each epoch exactly once
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert math.isfinite(summary["best_val_loss"]) and summary["best_val_accuracy"] > 0.5
+
+
+def test_one_failure_more_than_allowed_fails_clearly_and_keeps_checkpoints(
+        ray_cluster, subprocess_env, storage):
+    process = start_training(storage, "kill-over", "--epochs", "4", "--max-failures", "0", env=subprocess_env)
+    try:
+        wait_for(lambda: checkpoint_names(str(storage / "kill-over")), 240, "the first checkpoint")
+        os.kill(min(wait_for(lambda: train_worker_pids(ray_cluster), 60, "train workers")), signal.SIGKILL)
+        log = finish(process)
+    finally:
+        process.kill()
+    assert process.returncode == 2, log[-3000:]
+    assert not any(line.startswith("Traceback") for line in log.splitlines())  # workers' own logs may have one
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]  # Ray may stream more after it
+    assert len(errors) == 1, log[-3000:]
+    last = errors[0]
+    assert last.startswith("error: training failed after 0 restart(s)"), last
+    assert "rerun with --name kill-over to resume" in last
+    kept = checkpoint_names(str(storage / "kill-over"))  # complete ones: a save cut short is left out
+    assert kept and f"(latest {kept[-1]})" in last
+    model, metadata = load_checkpoint(storage / "kill-over" / kept[-1])
+    assert metadata["epoch"] >= 1 and model.count_params() > 0
+
+
+def test_driver_killed_then_rerun_resumes_optimizer_and_schedule(ray_cluster, subprocess_env, storage):
+    from cifar_ray.config import Config
+    from cifar_ray.models import build_optimizer
+
+    args = ["--epochs", "4", "--schedule", "cosine"]  # Adam (the smoke preset's) with a moving LR
+    process = start_training(storage, "driver", *args, env=subprocess_env)
+    try:
+        wait_for(lambda: "epoch_0002" in checkpoint_names(str(storage / "driver")), 240, "the second checkpoint")
+        before = read_metadata(storage / "driver" / "epoch_0002")["history"]
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+    wait_for(lambda: not train_worker_pids(ray_cluster), 90, "the dead driver's workers to go")
+
+    rerun = start_training(storage, "driver", *args, env=subprocess_env)
+    log = finish(rerun)
+    assert rerun.returncode == 0, log[-3000:]
+    run_dir = storage / "driver"
+    assert history_epochs(run_dir) == [1, 2, 3, 4]
+    model, metadata = load_checkpoint(run_dir / "epoch_0004")
+    # It resumed from the last checkpoint Ray Train had recorded: epoch 2, or epoch 1 when
+    # the driver died between epoch 2's upload and its registration. Never from scratch.
+    assert metadata["history"][0] == before[0]
+    assert all(math.isfinite(row["loss"]) for row in metadata["history"])
+
+    # the optimizer resumed where it stopped: its step count and the LR schedule position
+    cfg = Config.from_dict(metadata["config"])
+    steps = metadata["data"]["num_train"] // cfg.train.batch_size
+    assert int(model.optimizer.iterations) == 4 * steps
+    uninterrupted = build_optimizer(cfg.train, steps)
+    for row in metadata["history"]:
+        uninterrupted.iterations.assign(row["epoch"] * steps)
+        assert row["lr"] == pytest.approx(float(uninterrupted.learning_rate), rel=1e-5)
+
+
+def test_unwritable_storage_fails_before_training(ray_cluster, subprocess_env, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "cifar_ray.train", *SMOKE,
+                             "--storage-path", str(blocker / "runs")],
+                            env=subprocess_env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "is not writable" in result.stderr.strip().splitlines()[-1]
+    assert "data:" not in result.stdout  # stopped before reading any data
+    assert time.monotonic() - started < 60
