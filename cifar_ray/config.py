@@ -68,7 +68,8 @@ class TrainConfig:
     mixed_precision: bool = _f(True, "mixed precision: float16 on GPUs, bfloat16 on CPUs with "
                                "native bf16 (AMX/AVX512-BF16), float32 elsewhere")
     jit_compile: bool = _f(False, "XLA-compile the train step (pays on GPUs; slower on CPUs)")
-    steps_per_execution: int = _f(1, "train steps per tf.function call (raise on GPUs)")
+    steps_per_execution: int = _f(1, "train steps per tf.function call (raise on a single GPU; "
+                                  "1 with 2+ workers)")
 
 
 @dataclass(frozen=True)
@@ -273,6 +274,10 @@ def with_global_batch(cfg: Config) -> Config:
     batch = t.per_worker_batch_size * workers if t.per_worker_batch_size else t.batch_size
     if batch % workers:
         raise ValueError(f"global batch {batch} does not split evenly across {workers} workers")
+    if t.steps_per_execution > 1 and workers > 1:
+        # Keras 3's multi-step loop fails under MultiWorkerMirroredStrategy (InvalidArgumentError
+        # in the while loop's cond, measured with 2 workers); one step per call works.
+        raise ValueError("--steps-per-execution above 1 needs --num-workers 1")
     lr = t.lr * batch / t.lr_batch_size if t.lr_batch_size else t.lr
     return cfg.with_overrides({"batch_size": batch, "per_worker_batch_size": None,
                                "lr": lr, "lr_batch_size": None})

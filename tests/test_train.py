@@ -96,3 +96,45 @@ def test_reserving_every_cpu_for_workers_is_refused():
     cfg = PRESETS["smoke"].with_overrides({"num_workers": 2, "cpus_per_worker": 1.0})
     with pytest.raises(ValueError, match="lower --num-workers or --cpus-per-worker"):
         plan_resources(cfg, cluster_cpus=2)
+
+
+def test_gpu_path_settings_reach_the_workers(two_worker_run):
+    """Per-worker batch and the precision policy, as the workers used them."""
+    from cifar_ray.train import precision_policy
+
+    cfg, summary, _ = two_worker_run
+    assert cfg.train.per_worker_batch_size == 32 and cfg.scaling.num_workers == 2
+    recorded = read_metadata(Path(summary["best_checkpoint"]))["config"]["train"]
+    assert recorded["batch_size"] == 64 and recorded["per_worker_batch_size"] is None
+    model = load_checkpoint(Path(summary["best_checkpoint"]))[0]
+    expected = precision_policy(True, use_gpu=False)  # mixed_bfloat16 on AMX CPUs, else float32
+    assert model.layers[-1].dtype_policy.name == "float32"  # the softmax stays float32
+    assert {layer.dtype_policy.name for layer in model.layers[1:-1]} == {expected}
+
+
+@pytest.mark.parametrize("mixed, gpu, native_bf16, expected", [
+    (False, True, True, "float32"),
+    (True, True, False, "mixed_float16"),
+    (True, False, True, "mixed_bfloat16"),
+    (True, False, False, "float32"),
+])
+def test_precision_policy(monkeypatch, mixed, gpu, native_bf16, expected):
+    import cifar_ray.train
+
+    monkeypatch.setattr(cifar_ray.train, "cpu_has_native_bf16", lambda: native_bf16)
+    assert cifar_ray.train.precision_policy(mixed, gpu) == expected
+
+
+def test_global_batch_and_linear_lr_scaling():
+    from cifar_ray.config import with_global_batch, with_recipe
+
+    cfg = with_recipe(PRESETS["default"], "fast_resnet")  # lr 0.2 tuned for a global batch of 256
+    four_gpus = with_global_batch(cfg.with_overrides({"num_workers": 4, "per_worker_batch_size": 256}))
+    assert four_gpus.train.batch_size == 1024 and four_gpus.train.lr == pytest.approx(0.8)
+    assert with_global_batch(four_gpus) == four_gpus  # resolving twice changes nothing
+    one = with_global_batch(cfg)
+    assert (one.train.batch_size, one.train.lr) == (256, pytest.approx(0.2))
+    with pytest.raises(ValueError, match="split evenly"):
+        with_global_batch(cfg.with_overrides({"num_workers": 3, "batch_size": 256}))
+    with pytest.raises(ValueError, match="steps-per-execution"):
+        with_global_batch(cfg.with_overrides({"num_workers": 2, "steps_per_execution": 4}))
