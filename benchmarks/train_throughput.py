@@ -56,8 +56,9 @@ def plain_keras(cfg, train: dict, val: dict) -> dict:
     import tensorflow as tf
 
     from cifar_ray.data import DataInfo
-    from cifar_ray.train import restore_or_build_model
+    from cifar_ray.train import precision_policy, restore_or_build_model
 
+    keras.mixed_precision.set_global_policy(precision_policy(cfg.train.mixed_precision, cfg.scaling.use_gpu))
     info = DataInfo("synthetic", len(train["label"]), len(val["label"]), (0.5,) * 3, (0.25,) * 3)
     model, _ = restore_or_build_model(cfg, info, None, len(train["label"]) // cfg.train.batch_size)
 
