@@ -109,7 +109,8 @@ async def load_with_replica_kill(url: str, body: bytes, concurrency: int, second
     killed = time.perf_counter()
     replaced_after = None
     while not task.done() or replaced_after is None:
-        if replaced_after is None and len(replica_pids(app, address) - before) >= 1 and running_replicas(app) == len(before):
+        if replaced_after is None and replica_pids(app, address) - before \
+                and running_replicas(app) == len(before):
             replaced_after = time.perf_counter() - killed
         if time.perf_counter() - killed > 120:  # bounded: report it as never replaced
             break

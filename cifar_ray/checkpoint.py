@@ -157,9 +157,8 @@ def checkpoint_names(run_dir: str) -> list[str]:
 
     fs, path = pyarrow.fs.FileSystem.from_uri(run_dir if "://" in run_dir else str(Path(run_dir).resolve()))
     infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
-    folders = [i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
-               and i.base_name.startswith("epoch_")]
-    return sorted(f.rstrip("/").rsplit("/", 1)[-1] for f in folders if _is_complete(fs, f))
+    return sorted(i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
+                  and i.base_name.startswith("epoch_") and _is_complete(fs, i.path))
 
 
 def _is_complete(fs, folder: str) -> bool:

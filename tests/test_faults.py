@@ -22,8 +22,13 @@ from cifar_ray.checkpoint import checkpoint_names, load_checkpoint, read_metadat
 SMOKE = ["--preset", "smoke", "--synthetic-size", "600", "--batch-size", "32", "--num-workers", "2"]
 
 
+def log_of(storage: Path, name: str) -> Path:
+    return storage.parent / f"{name}.log"
+
+
 def start_training(storage: Path, name: str, *args: str, env: dict) -> subprocess.Popen:
-    log = open(storage.parent / f"{name}.log", "w")
+    """`python -m cifar_ray.train` in the background, its output in log_of(storage, name)."""
+    log = open(log_of(storage, name), "w")
     return subprocess.Popen([sys.executable, "-m", "cifar_ray.train", *SMOKE, "--storage-path", str(storage),
                              "--name", name, *args], env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
 
@@ -52,10 +57,10 @@ def history_epochs(run_dir: Path) -> list[int]:
         return [int(row["epoch"]) for row in csv.DictReader(f)]
 
 
-def finish(process: subprocess.Popen, timeout: float = 300) -> str:
+def finish(process: subprocess.Popen, storage: Path, name: str, timeout: float = 300) -> str:
+    """Wait for the training process; its output."""
     process.wait(timeout=timeout)
-    return (Path(process.args[process.args.index("--storage-path") + 1]).parent
-            / f"{process.args[process.args.index('--name') + 1]}.log").read_text()
+    return log_of(storage, name).read_text()
 
 
 @pytest.fixture
@@ -71,7 +76,7 @@ def test_workers_killed_twice_back_to_back_the_run_finishes(ray_cluster, subproc
         os.kill(min(first), signal.SIGKILL)  # mid-epoch 2
         second = wait_for(lambda: train_worker_pids(ray_cluster) - first, 120, "restarted train workers")
         os.kill(min(second), signal.SIGKILL)  # again, while the group recovers
-        log = finish(process)
+        log = finish(process, storage, "kill2")
     finally:
         process.kill()
     assert process.returncode == 0, log[-3000:]
@@ -87,7 +92,7 @@ def test_one_failure_more_than_allowed_fails_clearly_and_keeps_checkpoints(
     try:
         wait_for(lambda: checkpoint_names(str(storage / "kill-over")), 240, "the first checkpoint")
         os.kill(min(wait_for(lambda: train_worker_pids(ray_cluster), 60, "train workers")), signal.SIGKILL)
-        log = finish(process)
+        log = finish(process, storage, "kill-over")
     finally:
         process.kill()
     assert process.returncode == 2, log[-3000:]
@@ -119,7 +124,7 @@ def test_driver_killed_then_rerun_resumes_optimizer_and_schedule(ray_cluster, su
     wait_for(lambda: not train_worker_pids(ray_cluster), 90, "the dead driver's workers to go")
 
     rerun = start_training(storage, "driver", *args, env=subprocess_env)
-    log = finish(rerun)
+    log = finish(rerun, storage, "driver")
     assert rerun.returncode == 0, log[-3000:]
     run_dir = storage / "driver"
     assert history_epochs(run_dir) == [1, 2, 3]
