@@ -9,16 +9,23 @@ Models (parameter counts are for 10 classes):
   Dense512-Drop-Dense10, with 'same' padding throughout (the notebook's
   `Conv2D(64, 3, 3)` meant a 3x3 kernel but set stride 3). 2,168,362 parameters.
 - `shallow_cnn`: the notebook's one-conv variant, Conv32-Pool-Drop-Dense512-Drop-Dense10.
-- `fast_resnet`: a ResNet-9-style net (Page's DAWNBench ResNet-9, airbench) sized for a
-  2-core CPU: widths 24-48-96-192, BatchNorm, two residual blocks, global max pool.
-  928,690 parameters, about 0.38 GFLOP per training image; its recipe (SGD Nesterov,
+- `fast_resnet`: a small residual net in the style of airbench (Keller Jordan's CIFAR-10
+  speedruns) and Page's ResNet-9, sized for a 2-core CPU: a frozen 2x2 patch-whitening
+  conv computed from the training data (data.compute_patch_covariance), then three
+  blocks of conv-pool-BatchNorm-ReLU plus a residual conv, at widths 64-256-256, global
+  max pool and a 1/9-scaled linear head. About 2 M parameters. Its recipe (SGD Nesterov,
   warmup + cosine, label smoothing, weight decay) is config.MODEL_RECIPES["fast_resnet"].
   Measured accuracy: benchmarks/README.md.
+
+Every builder takes the training set's statistics (per-channel mean and std, and the
+patch covariance, which only `fast_resnet` uses); data.DataInfo holds all three.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
+
+import numpy as np
 
 import keras
 from keras import layers
@@ -47,7 +54,7 @@ def notebook_head(x: keras.KerasTensor, num_classes: int) -> keras.KerasTensor:
     return classifier_head(x, num_classes)
 
 
-def notebook_cnn(mean, std, num_classes: int = len(CLASS_NAMES)) -> keras.Model:
+def notebook_cnn(mean, std, patch_covariance=None, num_classes: int = len(CLASS_NAMES)) -> keras.Model:
     inputs, x = normalized_input(mean, std)
     for width in (32, 64):
         x = layers.Conv2D(width, 3, padding="same", activation="relu")(x)
@@ -57,7 +64,7 @@ def notebook_cnn(mean, std, num_classes: int = len(CLASS_NAMES)) -> keras.Model:
     return keras.Model(inputs, notebook_head(x, num_classes), name="notebook_cnn")
 
 
-def shallow_cnn(mean, std, num_classes: int = len(CLASS_NAMES)) -> keras.Model:
+def shallow_cnn(mean, std, patch_covariance=None, num_classes: int = len(CLASS_NAMES)) -> keras.Model:
     inputs, x = normalized_input(mean, std)
     x = layers.Conv2D(32, 3, padding="same", activation="relu")(x)
     x = layers.MaxPooling2D()(x)
@@ -65,28 +72,57 @@ def shallow_cnn(mean, std, num_classes: int = len(CLASS_NAMES)) -> keras.Model:
     return keras.Model(inputs, notebook_head(x, num_classes), name="shallow_cnn")
 
 
-def conv_bn_relu(x: keras.KerasTensor, width: int) -> keras.KerasTensor:
+def conv_bn_relu(x: keras.KerasTensor, width: int, pool: bool = False) -> keras.KerasTensor:
+    """3x3 conv (then an optional 2x2 max pool), BatchNorm, ReLU."""
     x = layers.Conv2D(width, 3, padding="same", use_bias=False)(x)
-    # Keras' default momentum 0.99 leaves the moving statistics near their initial values
-    # for hundreds of steps, so early validation is near chance; 0.9 is PyTorch's default,
-    # which the ResNet-9 recipes were tuned with.
-    x = layers.BatchNormalization(momentum=0.9)(x)
+    if pool:  # pooling before the norm: the norm then sees the statistics the next layer gets
+        x = layers.MaxPooling2D()(x)
+    # momentum 0.9 (PyTorch's 0.1): Keras' 0.99 lags for hundreds of steps, so early
+    # validation would be near chance. No scale: a ReLU after it makes gamma redundant
+    # with the next conv's weights (airbench freezes it to 1 too).
+    x = layers.BatchNormalization(momentum=0.9, epsilon=1e-5, scale=False)(x)
     return layers.ReLU()(x)
 
 
-def residual(x: keras.KerasTensor, width: int) -> keras.KerasTensor:
-    return layers.Add()([x, conv_bn_relu(conv_bn_relu(x, width), width)])
+def residual_block(x: keras.KerasTensor, width: int) -> keras.KerasTensor:
+    """Conv-pool-BN-ReLU to `width` at half the resolution, plus a residual conv."""
+    x = conv_bn_relu(x, width, pool=True)
+    return layers.Add()([x, conv_bn_relu(x, width)])
 
 
-def fast_resnet(mean, std, num_classes: int = len(CLASS_NAMES),
-                widths: Sequence[int] = (24, 48, 96, 192)) -> keras.Model:
+def patch_whitening(x: keras.KerasTensor, patch_covariance: Optional[Sequence], eps: float = 5e-4,
+                    ) -> keras.KerasTensor:
+    """A frozen 2x2 conv that whitens the image's 2x2x3 patches (airbench).
+
+    Its 24 filters are the 12 eigenvectors of the training set's patch covariance, each
+    scaled by 1/sqrt(eigenvalue) and taken with both signs, so the ReLU after it keeps both
+    halves. Decorrelated inputs let SGD take large steps from the first epoch. Without a
+    covariance (unit tests) it assumes white patches: the identity basis.
+    """
+    size = 2
+    dim = size * size * IMAGE_SHAPE[-1]
+    covariance = np.eye(dim) if patch_covariance is None else np.asarray(patch_covariance, "float64")
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    filters = eigenvectors / np.sqrt(np.maximum(eigenvalues, 0.0) + eps)
+    kernel = np.concatenate([filters, -filters], axis=1).reshape(size, size, IMAGE_SHAPE[-1], 2 * dim)
+    conv = layers.Conv2D(2 * dim, size, padding="valid", use_bias=False, trainable=False, name="whitening")
+    x = conv(x)
+    conv.kernel.assign(kernel.astype("float32"))
+    return layers.ReLU()(x)
+
+
+def fast_resnet(mean, std, patch_covariance=None, num_classes: int = len(CLASS_NAMES),
+                widths: Sequence[int] = (64, 256, 256)) -> keras.Model:
     inputs, x = normalized_input(mean, std)
-    x = conv_bn_relu(x, widths[0])                                        # 32x32
-    x = residual(layers.MaxPooling2D()(conv_bn_relu(x, widths[1])), widths[1])  # 16x16
-    x = layers.MaxPooling2D()(conv_bn_relu(x, widths[2]))                 # 8x8
-    x = residual(layers.MaxPooling2D()(conv_bn_relu(x, widths[3])), widths[3])  # 4x4
+    x = patch_whitening(x, patch_covariance)          # 31x31x24
+    for width in widths:                              # 15x15, 7x7, 3x3
+        x = residual_block(x, width)
     x = layers.GlobalMaxPooling2D()(x)
-    return keras.Model(inputs, classifier_head(x, num_classes), name="fast_resnet")
+    # Small logits (x 1/9, airbench) keep the early softmax soft: large steps stay stable.
+    x = layers.Dense(num_classes, use_bias=False)(x)
+    x = layers.Rescaling(1 / 9)(x)
+    outputs = layers.Activation("softmax", dtype="float32", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="fast_resnet")
 
 
 MODELS: dict[str, Callable[..., keras.Model]] = {
@@ -96,10 +132,12 @@ MODELS: dict[str, Callable[..., keras.Model]] = {
 }
 
 
-def build_model(name: str, mean: Sequence[float], std: Sequence[float]) -> keras.Model:
+def build_model(name: str, mean: Sequence[float], std: Sequence[float],
+                patch_covariance: Optional[Sequence] = None) -> keras.Model:
+    """The named model for data with these statistics (data.DataInfo holds all three)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-    return MODELS[name](mean, std)
+    return MODELS[name](mean, std, patch_covariance)
 
 
 def build_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:

@@ -114,7 +114,7 @@ def restore_or_build_model(cfg: Config, info: DataInfo, checkpoint, steps_per_ep
         return model, metadata["history"]
 
     keras.utils.set_random_seed(cfg.train.seed)
-    model = build_model(cfg.model.model, info.mean, info.std)
+    model = build_model(cfg.model.model, info.mean, info.std, info.patch_covariance)
     model.compile(
         optimizer=build_optimizer(cfg.train, steps_per_epoch),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.train.label_smoothing),

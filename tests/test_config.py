@@ -56,7 +56,7 @@ def test_override_of_unknown_key_fails():
 
 def test_a_models_recipe_applies_under_yaml_and_flags(tmp_path):
     cfg = parse(["--model", "fast_resnet"])
-    assert (cfg.train.optimizer, cfg.train.schedule, cfg.train.label_smoothing) == ("sgd", "cosine", 0.1)
+    assert (cfg.train.optimizer, cfg.train.schedule, cfg.train.label_smoothing) == ("sgd", "cosine", 0.2)
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  model: fast_resnet\ntrain:\n  epochs: 3\n")
     cfg = parse(["--config", str(path), "--lr", "0.05"])

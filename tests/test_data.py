@@ -162,3 +162,32 @@ def test_limit_caps_training_images_only(ray_cluster):
     train, val, info = load_training_data(DataConfig(data="synthetic", synthetic_size=200,
                                                      val_fraction=0.1, limit=50), seed=0)
     assert (train.count(), val.count(), info.num_train) == (50, 20, 50)
+
+
+def test_fast_resnets_first_layer_whitens_the_training_patches(ray_cluster):
+    """compute_patch_covariance (data) and the whitening layer (models) agree on patch layout:
+    on correlated images, the layer's linear outputs have (near) identity covariance."""
+    import ray.data
+
+    import keras
+    from cifar_ray.data import compute_normalization, compute_patch_covariance
+    from cifar_ray.models import fast_resnet
+
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=(300, 33, 33, 1))
+    smooth = noise[:, 1:, 1:] + noise[:, :-1, :-1] + 0.5 * rng.normal(size=(300, 32, 32, 3))
+    images = np.clip(128 + 30 * smooth, 0, 255).astype("uint8")  # neighbours and channels correlated
+    ds = ray.data.from_items([{"image": img, "label": 0} for img in images])
+    mean, std = compute_normalization(ds)
+    covariance = np.array(compute_patch_covariance(ds, mean, std))
+    # patches flatten as (row, column, channel): red (0,0) vs green (0,0) and red (1,1)
+    assert covariance.shape == (12, 12) and covariance[0, 1] > 0.3 and covariance[0, 9] > 0.3
+    assert abs(covariance[0, 3]) < 0.1  # red (0,1): the noise correlates only along the diagonal
+
+    model = fast_resnet(mean, std, covariance)
+    whitening = model.get_layer("whitening")
+    assert not whitening.trainable_weights
+    outputs = np.asarray(keras.Model(model.input, whitening.output)(images)).reshape(-1, 24)
+    whitened = np.cov(outputs[:, :12], rowvar=False)
+    np.testing.assert_allclose(whitened, np.eye(12), atol=0.05)
+    np.testing.assert_allclose(outputs[:, 12:], -outputs[:, :12], atol=1e-5)  # both signs kept
