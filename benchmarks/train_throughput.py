@@ -7,7 +7,8 @@ validation split on every side. Sides run interleaved (plain, ray-1, ray-N, plai
 and each reports steady-state images/s: the median over epochs after the first (which
 traces the graph), each epoch including its validation pass. Ray's start-up (cluster
 join, worker group, first data epoch) is reported separately: wall time minus epochs.
-MFU divides the model's training FLOP/s by the measured fp32 matmul rate of this machine.
+MFU divides the model's training FLOP/s by this machine's measured matmul rate in the
+compute dtype of the precision policy (bfloat16 on AMX CPUs, float32 elsewhere).
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ def training_flops_per_image(model) -> float:
     return 3.0 * flops
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """This machine's practical fp32 peak: a large TF matmul, median of a few."""
+def matmul_gflops(dtype: str, size: int = 2048, repeats: int = 5) -> float:
+    """This machine's practical peak in `dtype` (the policy's compute dtype: bfloat16 runs
+    on AMX here): a large TF matmul, median of a few."""
     import tensorflow as tf
 
-    a = tf.random.normal((size, size))
-    b = tf.random.normal((size, size))
+    a = tf.cast(tf.random.normal((size, size)), dtype)
+    b = tf.cast(tf.random.normal((size, size)), dtype)
     (a @ b).numpy()
     times = []
     for _ in range(repeats):
@@ -144,16 +146,25 @@ def main() -> None:
                   f"start-up {run['startup_s']:5.1f} s  epochs {['%.1f' % t for t in run['epoch_times']]}",
                   flush=True)
 
-    peak = matmul_gflops()
-    plain = statistics.median(steady_rate(r, split) for r in results["plain keras.fit"])
-    print(f"\nmodel {args.model}: {flops / 1e6:.0f} MFLOP per training image; "
-          f"fp32 matmul peak measured {peak:.0f} GFLOP/s; {split} training images, global batch {args.batch_size}")
+    import keras
+
+    from cifar_ray.train import precision_policy
+
+    compute_dtype = keras.mixed_precision.Policy(
+        precision_policy(cfg.train.mixed_precision, cfg.scaling.use_gpu)).compute_dtype
+    peak = matmul_gflops(compute_dtype)
+    plain_runs = [steady_rate(r, split) for r in results["plain keras.fit"]]
+    print(f"\nmodel {args.model}: {flops / 1e6:.0f} MFLOP per training image; {compute_dtype} "
+          f"matmul peak measured {peak:.0f} GFLOP/s; {split} training images, global batch {args.batch_size}")
+    print("vs plain: the median of each round's ratio (the sides of a round ran back to back)")
     print(f"{'side':<22} {'img/s':>7} {'vs plain':>8} {'start-up s':>10} {'GFLOP/s':>8} {'MFU':>6}")
     for name, runs in results.items():
-        rate = statistics.median(steady_rate(r, split) for r in runs)
+        rates = [steady_rate(r, split) for r in runs]
+        rate = statistics.median(rates)
+        ratio = statistics.median(r / p for r, p in zip(rates, plain_runs))
         startup = statistics.median(r["startup_s"] for r in runs)
         achieved = rate * flops / 1e9
-        print(f"{name:<22} {rate:>7.0f} {rate / plain:>7.2f}x {startup:>10.1f} {achieved:>8.0f} {achieved / peak:>6.1%}")
+        print(f"{name:<22} {rate:>7.0f} {ratio:>7.2f}x {startup:>10.1f} {achieved:>8.0f} {achieved / peak:>6.1%}")
 
 
 if __name__ == "__main__":
