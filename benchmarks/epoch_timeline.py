@@ -65,7 +65,7 @@ def main() -> None:
             "model": args.model, "data": "synthetic", "synthetic_size": args.images, "augment": "none",
             "epochs": args.epochs, "storage_path": storage}), default_name=f"timeline-{time.time_ns()}")
         init_ray()
-        train, val, info = load_training_data(cfg.data, seed=0)
+        train, val, _, info = load_training_data(cfg.data, seed=0)
         make_trainer(cfg, train, val, info, timeline_loop).fit()
 
 

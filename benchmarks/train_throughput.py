@@ -94,7 +94,7 @@ def ray_train(cfg, workers: int) -> dict:
         run_cfg = resolve_run(cfg.with_overrides({"num_workers": workers, "storage_path": storage}),
                               default_name=f"throughput-{workers}w-{time.time_ns()}")
         start = time.perf_counter()
-        train, val, info = load_training_data(run_cfg.data, seed=0)
+        train, val, _, info = load_training_data(run_cfg.data, seed=0)
         result = make_trainer(run_cfg, train, val, info).fit()
         wall = time.perf_counter() - start
         # The latest checkpoint holds every epoch; Result.metrics_dataframe only the kept ones.

@@ -24,6 +24,8 @@ CLASS_NAMES = (
     "dog", "frog", "horse", "ship", "truck",
 )
 IMAGE_SHAPE = (32, 32, 3)
+REGISTERED_MODEL = "cifar10-classifier"
+CHAMPION = "champion"  # the registry alias Serve follows
 
 
 def _f(default: Any, help: str, choices: Optional[tuple] = None) -> Any:
@@ -103,8 +105,26 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class RegistryConfig:
+    tracking_uri: Optional[str] = _f(
+        None, "MLflow tracking URI (default: env MLFLOW_TRACKING_URI, else sqlite:///<storage-path>/mlflow.db)")
+    promote: str = _f("auto", "champion after this run: 'auto' if it passes the gate, 'never', or 'force'",
+                      ("auto", "never", "force"))
+    min_improvement: float = _f(0.002, "accuracy a new version must gain over the champion on the fixed "
+                                "evaluation set to take its place")
+    max_class_drop: float = _f(0.05, "largest drop of any class's accuracy against the champion that the "
+                               "gate allows")
+    eval_data: Optional[str] = _f(
+        None, "the gate's evaluation set, a data source (default: the champion's; for a first version, "
+        "the images held out of --data by a hash of their pixels)")
+
+
+@dataclass(frozen=True)
 class ServeConfig:
-    checkpoint: str = _f("./runs/best", "checkpoint folder or URI to serve (env CIFAR_RAY_CHECKPOINT wins)")
+    checkpoint: str = _f(f"models:/{REGISTERED_MODEL}@{CHAMPION}",
+                         "what to serve: models:/NAME@ALIAS or models:/NAME/VERSION from the registry "
+                         "(followed live), or a checkpoint folder or URI (env CIFAR_RAY_CHECKPOINT wins)")
+    poll_interval_s: float = _f(5.0, "how often replicas look for a new champion (seconds)")
     max_batch_size: int = _f(16, "requests batched into one model call (1 disables batching)")
     batch_wait_timeout_s: float = _f(0.005, "longest wait for a batch to fill (seconds)")
     max_body_bytes: int = _f(1_000_000, "largest request body accepted (larger: 413)")
@@ -118,6 +138,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
 
@@ -240,26 +261,35 @@ def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...])
     for section in sections:
         group = parser.add_argument_group(section)
         for f in fields(SECTIONS[section]):
-            flag = "--" + f.name.replace("_", "-")
-            kind = _base_type(SECTIONS[section], f.name)
-            help_text = f"{f.metadata['help']} (default: {f.default})"
-            if kind is bool:
-                group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                   default=None, help=help_text)
-            elif kind is tuple:
-                group.add_argument(flag, dest=f.name, nargs="+", type=_item_type(SECTIONS[section], f.name),
-                                   default=None, help=help_text)
-            else:
-                group.add_argument(flag, dest=f.name, type=kind, default=None,
-                                   choices=f.metadata.get("choices"), help=help_text)
-    parser.set_defaults(_config_sections=sections)
+            _add_flag(group, SECTIONS[section], f)
+
+
+def add_field_flags(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    """Add the `--flag`s of single config fields (a CLI that needs a few, not whole sections)."""
+    for name in names:
+        section = SECTIONS[_section_of(name)]
+        _add_flag(parser, section, next(f for f in fields(section) if f.name == name))
+
+
+def _add_flag(group, section: type, f: dataclasses.Field) -> None:
+    flag = "--" + f.name.replace("_", "-")
+    kind = _base_type(section, f.name)
+    help_text = f"{f.metadata['help']} (default: {f.default})"
+    if kind is bool:
+        group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+    elif kind is tuple:
+        group.add_argument(flag, dest=f.name, nargs="+", type=_item_type(section, f.name), default=None,
+                           help=help_text)
+    else:
+        group.add_argument(flag, dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"),
+                           help=help_text)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """The preset, the chosen model's recipe, the YAML file, explicit flags: later ones win."""
     from_yaml = flatten(read_yaml(args.config)) if args.config else {}
-    from_flags = {f.name: getattr(args, f.name) for s in args._config_sections
-                  for f in fields(SECTIONS[s]) if getattr(args, f.name, None) is not None}
+    from_flags = {f.name: getattr(args, f.name) for section in SECTIONS.values()
+                  for f in fields(section) if getattr(args, f.name, None) is not None}
     preset = PRESETS[args.preset]
     model = from_flags.get("model", from_yaml.get("model", preset.model.model))
     return with_recipe(preset, model).with_overrides({**from_yaml, **from_flags})

@@ -10,6 +10,7 @@ in Ray Data `map_batches` tasks and draw new random numbers every epoch.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import sys
@@ -24,6 +25,7 @@ from cifar_ray.config import CLASS_NAMES, IMAGE_SHAPE, DataConfig
 NUM_CLASSES = len(CLASS_NAMES)
 AUGMENT_TASK_CPUS = 0.25  # small tasks fit beside the training workers
 IMAGE_EXTENSIONS = ["png", "jpg", "jpeg"]
+HOLDOUT_BUCKETS = 20  # one image in 20 (5%) goes to the fixed evaluation set, never trained on
 
 
 class DataSourceError(ValueError):
@@ -40,6 +42,8 @@ class DataInfo:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     skipped_rows: int = 0  # bad rows left out with --skip-bad-rows
+    num_holdout: int = 0  # images held out for the registry's fixed evaluation set
+    fingerprint: str = ""  # of the source's decoded images and labels (data_fingerprint)
     # 12x12 covariance of normalized 2x2 patches: fast_resnet's whitening layer (models.py)
     patch_covariance: Optional[tuple[tuple[float, ...], ...]] = None
 
@@ -233,6 +237,15 @@ def decode_image(data: bytes, resize: bool = False) -> np.ndarray:
         raise DataSourceError(f"undecodable image ({type(e).__name__}: {e})") from None
 
 
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 HWC pixels -> PNG bytes (lossless: decode_image gives the same pixels back)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def label_from_folder(batch: dict) -> dict:
     """`<root>/<class_name>/x.png` -> label index of class_name."""
     names = [Path(p).parent.name for p in batch["path"]]
@@ -249,10 +262,12 @@ def label_from_folder(batch: dict) -> dict:
 # ---------------------------------------------------------------------------------------
 
 def load_training_data(cfg: DataConfig, seed: int):
-    """Read, decode and split the training source. Returns (train, val, DataInfo).
+    """Read, decode and split the training source. Returns (train, val, holdout, DataInfo).
 
-    Both splits are materialized in the object store: decoding happens once, and the
-    Ray Train workers never wait on reads competing with them for CPUs.
+    `holdout` is the fixed evaluation set (see `in_holdout`): taken out before the seeded
+    train/validation split, so no run ever trains on it. All three are materialized in the
+    object store: decoding happens once, and the Ray Train workers never wait on reads
+    competing with them for CPUs.
     """
     ds = read_source(cfg.data, split="train", synthetic_size=cfg.synthetic_size, seed=seed,
                      skip_bad_rows=cfg.skip_bad_rows)
@@ -263,7 +278,8 @@ def load_training_data(cfg: DataConfig, seed: int):
     ds = ds.materialize()  # decoding happens once, here
     if ds.count() == 0:
         raise DataSourceError(f"--data {cfg.data}: no images (empty source)")
-    train, val = ds.train_test_split(test_size=cfg.val_fraction, shuffle=True, seed=seed)
+    rest, holdout = split_off_holdout(ds)
+    train, val = rest.train_test_split(test_size=cfg.val_fraction, shuffle=True, seed=seed)
     if train.count() == 0 or val.count() == 0:
         raise DataSourceError(f"--data {cfg.data}: too few images for a train/validation split")
     if cfg.limit:
@@ -271,8 +287,42 @@ def load_training_data(cfg: DataConfig, seed: int):
     mean, std = compute_normalization(train)
     info = DataInfo(source=cfg.data, num_train=train.count(), num_val=val.count(),
                     mean=tuple(mean), std=tuple(std), skipped_rows=skipped,
-                    patch_covariance=compute_patch_covariance(train, mean, std))
-    return train, val, info
+                    patch_covariance=compute_patch_covariance(train, mean, std),
+                    num_holdout=holdout.count(), fingerprint=data_fingerprint(ds))
+    return train, val, holdout, info
+
+
+def image_digests(images: np.ndarray) -> list[bytes]:
+    """An 8-byte hash of each image's decoded pixels: the same whatever file format held it."""
+    return [hashlib.blake2b(np.ascontiguousarray(x).tobytes(), digest_size=8).digest() for x in images]
+
+
+def in_holdout(images: np.ndarray) -> np.ndarray:
+    """Which images belong to the fixed evaluation set: one in HOLDOUT_BUCKETS, chosen by a
+    hash of the pixels, so the same images whatever --seed, --limit or --val-fraction say."""
+    return np.array([int.from_bytes(d, "little") % HOLDOUT_BUCKETS == 0 for d in image_digests(images)], bool)
+
+
+def _rows_where_holdout_is(batch: dict, holdout: bool) -> dict:
+    keep = in_holdout(batch["image"]) == holdout
+    return {key: np.asarray(column)[keep] for key, column in batch.items()}
+
+
+def split_off_holdout(ds):
+    """(the rest, the fixed evaluation set) of a decoded dataset, both materialized."""
+    def part(holdout: bool):
+        return ds.map_batches(_rows_where_holdout_is, fn_kwargs={"holdout": holdout},
+                              batch_format="numpy").materialize()
+    return part(False), part(True)
+
+
+def data_fingerprint(ds) -> str:
+    """A hash of a dataset's images and labels that ignores row order and file encoding."""
+    rows = []
+    for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
+        rows += [d + int(label).to_bytes(1, "little") for d, label in
+                 zip(image_digests(batch["image"]), batch["label"])]
+    return hashlib.sha256(b"".join(sorted(rows))).hexdigest()[:16]
 
 
 def compute_normalization(ds) -> tuple[np.ndarray, np.ndarray]:

@@ -98,10 +98,10 @@ def test_bad_parquet_row_is_named_by_file_and_row(ray_cluster, tmp_path):
 
 def test_skip_bad_rows_counts_and_skips_them(ray_cluster, tmp_path):
     root, _ = corrupt_parquet(tmp_path)
-    train, val, info = load_training_data(DataConfig(data=str(root), val_fraction=0.2,
-                                                     skip_bad_rows=True), seed=0)
+    train, val, holdout, info = load_training_data(DataConfig(data=str(root), val_fraction=0.2,
+                                                           skip_bad_rows=True), seed=0)
     assert info.skipped_rows == 2
-    assert train.count() + val.count() == 28
+    assert train.count() + val.count() + holdout.count() == 28
     assert set(train.columns()) == {"image", "label"}
 
 
@@ -146,22 +146,43 @@ def test_split_is_disjoint_complete_and_seeded(ray_cluster):
     cfg = DataConfig(data="synthetic", synthetic_size=200, val_fraction=0.2)
 
     def split(seed):
-        train, val, info = load_training_data(cfg, seed=seed)
-        keys = lambda ds: {encode(x) for x in ds.take_batch(1000)["image"]}  # noqa: E731
-        return keys(train), keys(val), info
+        train, val, holdout, info = load_training_data(cfg, seed=seed)
+        return image_keys(train), image_keys(val), image_keys(holdout), info
 
-    train, val, info = split(seed=0)
-    assert not train & val and len(train | val) == 200
-    assert (info.num_train, info.num_val) == (160, 40)
+    train, val, holdout, info = split(seed=0)
+    assert not train & val and not (train | val) & holdout and len(train | val | holdout) == 200
+    assert (info.num_train, info.num_val, info.num_holdout) == (len(train), len(val), len(holdout))
+    assert abs(len(val) - 0.2 * (200 - len(holdout))) <= 1
     assert split(seed=0)[1] == val
     assert split(seed=1)[1] != val
     assert all(0 < m < 1 for m in info.mean) and all(0 < s < 1 for s in info.std)
 
 
 def test_limit_caps_training_images_only(ray_cluster):
-    train, val, info = load_training_data(DataConfig(data="synthetic", synthetic_size=200,
-                                                     val_fraction=0.1, limit=50), seed=0)
-    assert (train.count(), val.count(), info.num_train) == (50, 20, 50)
+    train, val, holdout, info = load_training_data(DataConfig(data="synthetic", synthetic_size=200,
+                                                           val_fraction=0.1, limit=50), seed=0)
+    assert (train.count(), info.num_train) == (50, 50)
+    assert abs(val.count() - 0.1 * (200 - holdout.count())) <= 1
+
+
+def image_keys(ds) -> set:
+    return {encode(x) for x in ds.take_batch(10_000)["image"]}
+
+
+def test_holdout_is_the_same_images_whatever_seed_limit_and_val_fraction(ray_cluster, tmp_path):
+    """The registry's fixed evaluation set: chosen by pixel hash, never in train or val."""
+    images, labels = make_images(300, seed=3)
+    root = str(write_parquet_folder(tmp_path / "pq", images, labels))
+    holdouts, fingerprints = [], set()
+    for seed, val_fraction, limit in ((0, 0.1, None), (7, 0.3, 50), (1, 0.2, 120)):
+        train, val, holdout, info = load_training_data(
+            DataConfig(data=root, val_fraction=val_fraction, limit=limit), seed=seed)
+        holdouts.append(image_keys(holdout))
+        fingerprints.add(info.fingerprint)
+        assert not holdouts[-1] & (image_keys(train) | image_keys(val))
+    assert holdouts[0] == holdouts[1] == holdouts[2]
+    assert len(fingerprints) == 1  # the source's fingerprint does not depend on how it is split
+    assert 5 <= len(holdouts[0]) <= 30  # about 1 in 20 of 300
 
 
 def test_fast_resnets_first_layer_whitens_the_training_patches(ray_cluster):

@@ -41,11 +41,11 @@ def test_reported_validation_metrics_are_global(two_worker_run):
     """Rank 0's val_accuracy equals the final model's accuracy on the *whole* val split."""
     cfg, summary, _ = two_worker_run
     last = Path(summary["run_dir"]) / "epoch_0002"
-    _, val, _ = load_training_data(cfg.data, seed=cfg.train.seed)
+    _, val, _, _ = load_training_data(cfg.data, seed=cfg.train.seed)
     labels, probabilities, _ = collect_predictions(predict_dataset(val, str(last)))
     metrics = compute_metrics(labels, probabilities, read_metadata(last)["class_names"])
     reported = read_metadata(last)["metrics"]
-    assert metrics["examples"] == 80
+    assert metrics["examples"] == val.count() == read_metadata(last)["data"]["num_val"]
     assert reported["val_accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-6)
     assert reported["val_loss"] == pytest.approx(metrics["loss"], rel=1e-3)
 
