@@ -11,7 +11,9 @@ and a self-describing checkpoint. Rerunning with the same --name resumes from th
 checkpoint; a dead worker restarts the group from it (up to --max-failures).
 
 A run folder <storage-path>/<name>/ ends with summary.json, history.csv, curves.png and
-the Ray Train checkpoints (the best --keep-checkpoints by validation accuracy).
+the Ray Train checkpoints (the best --keep-checkpoints by validation accuracy). The run is
+tracked in MLflow (tracking.py), and its best checkpoint becomes a version of the registered
+model, which the promotion gate makes champion, the version Serve serves, or not (registry.py).
 """
 
 from __future__ import annotations
@@ -224,20 +226,47 @@ def plan_resources(cfg: Config, cluster_cpus: float) -> tuple[float, int]:
 
 
 def run(cfg: Config, train_loop=train_loop_per_worker) -> dict:
-    """Train as configured; return the run's summary (also written to summary.json)."""
+    """Train as configured, register the best checkpoint through the gate, and return the
+    run's summary (also written to summary.json)."""
+    from cifar_ray import tracking
     from cifar_ray.data import load_training_data
 
     cfg = with_global_batch(resolve_run(cfg, default_name=datetime.now().strftime("train-%Y%m%d-%H%M%S")))
     check_storage_writable(cfg.run.storage_path)
+    uri = tracking.tracking_uri(cfg)
+    tracking.check_reachable(uri)
     started = time.perf_counter()
-    train, val, info = load_training_data(cfg.data, seed=cfg.train.seed)
-    print(f"data: {info.num_train} training / {info.num_val} validation images from {info.source}", flush=True)
+    train, val, holdout, info = load_training_data(cfg.data, seed=cfg.train.seed)
+    print(f"data: {info.num_train} training / {info.num_val} validation images from {info.source}; "
+          f"{info.num_holdout} held out for the registry's evaluation set", flush=True)
 
-    result = fit_or_explain(make_trainer(cfg, train, val, info, train_loop), cfg)
-    summary = write_run_outputs(cfg, result, wall_time_s=time.perf_counter() - started)
-    audit_best_checkpoint(summary, val, info)
-    export_best(summary["best_checkpoint"], cfg.run.storage_path)
+    run_id = tracking.start_run(uri, cfg, kind="train")
+    print(f"tracking: MLflow run {run_id} in {uri}", flush=True)
+    with tracking.run_status(uri, run_id):
+        tracking.log_data_info(uri, run_id, info)
+        trainer = make_trainer(cfg, train, val, info, train_loop, callbacks=(tracking.EpochLogger(uri, run_id),))
+        result = fit_or_explain(trainer, cfg)
+        summary = write_run_outputs(cfg, result, wall_time_s=time.perf_counter() - started)
+        audit_best_checkpoint(summary, val, info)
+        register_best(cfg, run_id, summary, holdout, info)
+        tracking.log_outputs(uri, run_id, summary["run_dir"])
     return summary
+
+
+def register_best(cfg: Config, run_id: str, summary: dict, holdout, info: DataInfo) -> None:
+    """The registry's decision on the best checkpoint, into `summary` and summary.json; a
+    registry that cannot be reached is recorded there too, and its error raised."""
+    from cifar_ray.registry import register_run
+    from cifar_ray.tracking import TrackingUnavailable
+
+    try:
+        summary["registry"] = register_run(cfg, run_id, summary["best_checkpoint"], holdout, info,
+                                           summary["run_dir"])
+    except TrackingUnavailable as e:
+        summary["registry"] = {"error": str(e)}
+        raise
+    finally:
+        write_summary(summary)
 
 
 def fit_or_explain(trainer, cfg: Config):
@@ -313,15 +342,6 @@ def audit_best_checkpoint(summary: dict, val, info: DataInfo) -> None:
                      outs=(summary["run_dir"], summary["best_checkpoint"]))
 
 
-def export_best(checkpoint: str, storage_path: str) -> None:
-    """Copy a best checkpoint to <storage-path>/best, where Serve looks by default."""
-    from cifar_ray.checkpoint import copy_checkpoint
-
-    destination = f"{storage_path.rstrip('/')}/best"
-    copy_checkpoint(checkpoint, destination)
-    print(f"exported the best checkpoint to {destination}", flush=True)
-
-
 def absolute_storage_path(path: str) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
@@ -363,10 +383,16 @@ def write_run_outputs(cfg: Config, result, wall_time_s: float) -> dict:
         "train_images_per_s": round(sum(m["images_per_s"] for m in history) / len(history), 1),
         "config": cfg.to_dict(),
     }
-    write_file(result.path, "summary.json", json.dumps(summary, indent=2).encode())
+    write_summary(summary)
     write_file(result.path, "history.csv", history_csv(history).encode())
     write_file(result.path, "curves.png", plot_curves(history, title=f"{cfg.model.model} · {cfg.run.name}"))
     return summary
+
+
+def write_summary(summary: dict) -> None:
+    from cifar_ray.checkpoint import write_file
+
+    write_file(summary["run_dir"], "summary.json", json.dumps(summary, indent=2).encode())
 
 
 def history_csv(history: list[dict]) -> str:
@@ -407,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m cifar_ray.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_flags(parser, ("data", "model", "train", "scaling", "run"))
+    add_config_flags(parser, ("data", "model", "train", "scaling", "run", "registry"))
     args = parser.parse_args(argv)
 
     def train() -> None:

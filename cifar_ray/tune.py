@@ -19,7 +19,8 @@ to a plain value to fix it:
 
 The experiment folder <storage-path>/<name>/ ends with leaderboard.csv, leaderboard.md,
 comparison.png and best/: the best trial's best checkpoint, with best.json and its audit
-(MODEL_CARD.md). best/ is also copied to <storage-path>/best, where Serve looks.
+(MODEL_CARD.md). The experiment is an MLflow run with one child run per trial, and best/
+goes through the registry's promotion gate, as a train run's best checkpoint does.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import yaml
 from cifar_ray.config import Config, add_config_flags, choices_of, config_from_args, with_global_batch
 from cifar_ray.data import DataInfo
 from cifar_ray.models import MODELS
+from cifar_ray.registry import register_run
 from cifar_ray.train import SCORE_METRIC
 
 SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -86,18 +88,25 @@ def make_sampler(name: str, args: list):
     return getattr(tune, name)(*args)  # uniform, loguniform, randint: bounds
 
 
-def run_trial(params: dict, base: dict, train, val, info: DataInfo, trials_dir: str) -> None:
-    """One Tune trial: a Ray Train run with the sampled fields, reporting every epoch to Tune."""
+def run_trial(params: dict, base: dict, train, val, info: DataInfo, trials_dir: str, tracking_uri: str,
+              parent_run_id: str) -> None:
+    """One Tune trial: a Ray Train run with the sampled fields, reporting every epoch to Tune,
+    tracked as a child of the experiment's MLflow run."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from cifar_ray import tracking
     from cifar_ray.train import make_trainer, write_run_outputs
 
     cfg = with_global_batch(Config.from_dict(base).with_overrides(
         {**params, "name": tune.get_context().get_trial_id(), "storage_path": trials_dir}))
+    run_id = tracking.start_run(tracking_uri, cfg, kind="trial", parent_run_id=parent_run_id)
     started = time.perf_counter()
-    result = make_trainer(cfg, train, val, info, callbacks=(TuneReportCallback(),)).fit()
-    write_run_outputs(cfg, result, wall_time_s=time.perf_counter() - started)
+    with tracking.run_status(tracking_uri, run_id):
+        callbacks = (TuneReportCallback(), tracking.EpochLogger(tracking_uri, run_id))
+        result = make_trainer(cfg, train, val, info, callbacks=callbacks).fit()
+        summary = write_run_outputs(cfg, result, wall_time_s=time.perf_counter() - started)
+        tracking.log_outputs(tracking_uri, run_id, summary["run_dir"])
 
 
 def trial_resources(cfg: Config, cluster_cpus: float) -> tuple[int, float]:
@@ -116,20 +125,27 @@ def run(cfg: Config) -> dict:
     import ray
     from ray import tune
 
+    from cifar_ray import tracking
+    from cifar_ray.checkpoint import write_file
     from cifar_ray.data import load_training_data
     from cifar_ray.train import check_storage_writable, resolve_run
 
     cfg = resolve_run(cfg, default_name=datetime.now().strftime("tune-%Y%m%d-%H%M%S"))
     experiment_dir = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
     check_storage_writable(cfg.run.storage_path)
+    uri = tracking.tracking_uri(cfg)
+    tracking.check_reachable(uri)
     concurrent, cpus_per_worker = trial_resources(cfg, ray.cluster_resources().get("CPU", 1))
     cfg = cfg.with_overrides({"cpus_per_worker": cpus_per_worker})
 
-    train, val, info = load_training_data(cfg.data, seed=cfg.train.seed)
-    print(f"data: {info.num_train} training / {info.num_val} validation images from {info.source}", flush=True)
+    train, val, holdout, info = load_training_data(cfg.data, seed=cfg.train.seed)
+    print(f"data: {info.num_train} training / {info.num_val} validation images from {info.source}; "
+          f"{info.num_holdout} held out for the registry's evaluation set", flush=True)
+    run_id = tracking.start_run(uri, cfg, kind="tune")
+    print(f"tracking: MLflow run {run_id} in {uri} (one child run per trial)", flush=True)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=cfg.to_dict(), train=train, val=val, info=info,
-                             trials_dir=f"{experiment_dir}/trials"),
+                             trials_dir=f"{experiment_dir}/trials", tracking_uri=uri, parent_run_id=run_id),
         {"CPU": 0.01},  # the trial's driver only waits; its Ray Train workers hold the CPUs
     )
     if tune.Tuner.can_restore(experiment_dir):
@@ -148,8 +164,15 @@ def run(cfg: Config) -> dict:
             ),
             run_config=tune.RunConfig(name=cfg.run.name, storage_path=cfg.run.storage_path, verbose=1),
         )
-    results = tuner.fit()
-    return write_experiment_outputs(cfg, experiment_dir, results, val, info)
+    with tracking.run_status(uri, run_id):
+        tracking.log_data_info(uri, run_id, info)
+        results = tuner.fit()
+        best = write_experiment_outputs(cfg, experiment_dir, results, val, info)
+        best["registry"] = register_run(cfg, run_id, best["best_dir"], holdout, info, experiment_dir)
+        summary = {k: v for k, v in best.items() if k != "leaderboard"}
+        write_file(experiment_dir, "summary.json", json.dumps(summary, indent=2).encode())
+        tracking.log_outputs(uri, run_id, experiment_dir)
+    return best
 
 
 def make_scheduler(cfg: Config):
@@ -188,7 +211,6 @@ def write_experiment_outputs(cfg: Config, experiment_dir: str, results, val, inf
     """leaderboard.csv/.md, comparison.png, best/ (with best.json and its audit)."""
     from cifar_ray.checkpoint import best_checkpoint_in, copy_checkpoint, read_file, write_file
     from cifar_ray.evaluate import evaluate_dataset
-    from cifar_ray.train import export_best
 
     rows = leaderboard_rows(cfg, results)
     if not rows:
@@ -211,7 +233,6 @@ def write_experiment_outputs(cfg: Config, experiment_dir: str, results, val, inf
     write_file(best_dir, "best.json", json.dumps(best, indent=2).encode())
     evaluate_dataset(val, best_dir, {"source": info.source, "split": f"validation split, {info.num_val} images"},
                      outs=(best_dir,))
-    export_best(best_dir, cfg.run.storage_path)
     print("\n" + table, flush=True)
     return {**best, "experiment_dir": experiment_dir, "best_dir": best_dir, "leaderboard": rows}
 
@@ -264,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m cifar_ray.tune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_flags(parser, ("tune", "data", "model", "train", "scaling", "run"))
+    add_config_flags(parser, ("tune", "data", "model", "train", "scaling", "run", "registry"))
     args = parser.parse_args(argv)
 
     def tune() -> None:

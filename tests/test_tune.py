@@ -73,11 +73,33 @@ def test_best_loads_with_evaluate_and_reproduces_best_json(experiment):
     cfg, best = experiment
     best_dir = Path(best["best_dir"])
     recorded = json.loads((best_dir / "best.json").read_text())
-    _, val, _ = load_training_data(cfg.data, seed=cfg.train.seed)
+    _, val, _, _ = load_training_data(cfg.data, seed=cfg.train.seed)
     metrics = evaluate_dataset(val, str(best_dir), {"source": "synthetic", "split": "validation"})
     assert metrics["accuracy"] == pytest.approx(recorded["best_val_accuracy"], abs=1e-6)
     assert (best_dir / "MODEL_CARD.md").is_file()  # tune's winner carries its audit too
-    assert (Path(cfg.run.storage_path) / "best" / "model.keras").is_file()  # exported for Serve
+
+
+def test_experiment_and_trials_are_tracked_and_the_best_goes_through_the_gate(experiment):
+    from cifar_ray import tracking
+    from cifar_ray.registry import Registry
+
+    cfg, best = experiment
+    uri = tracking.tracking_uri(cfg)
+    client = tracking.client(uri)
+    (parent,) = client.search_runs([tracking.experiment_id(client, uri)],
+                                   filter_string=f"tags.`{tracking.KIND_TAG}` = 'tune'")
+    trials = client.search_runs([parent.info.experiment_id],
+                                filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(trials) == 3 and all(t.info.status == "FINISHED" for t in trials)
+    for trial in trials:  # every epoch a trial ran, logged at its step
+        epochs = [m.step for m in client.get_metric_history(trial.info.run_id, "val_accuracy")]
+        assert epochs == list(range(1, len(epochs) + 1)) and epochs
+    assert "leaderboard.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+    outcome = best["registry"]  # a first version: champion, recorded in summary.json too
+    assert outcome["promoted"] and outcome["version"] == "1"
+    assert json.loads((Path(best["experiment_dir"]) / "summary.json").read_text())["registry"] == outcome
+    assert Registry(uri).champion().tags["run"] == cfg.run.name
 
 
 def test_interrupted_experiment_resumes_without_rerunning_finished_trials(subprocess_env, tmp_path):

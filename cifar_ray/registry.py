@@ -1,0 +1,511 @@
+"""The model registry: every exported model is a version, and a gate decides which is champion.
+
+    python -m cifar_ray.registry list
+    python -m cifar_ray.registry show 3
+    python -m cifar_ray.registry promote 3            # through the gate; --force skips it
+    python -m cifar_ray.registry rollback             # champion goes back to the previous one
+    python -m cifar_ray.registry register runs/NAME/epoch_0010   # a checkpoint made earlier
+
+The registered model `cifar10-classifier` lives in the MLflow store of tracking.py. The best
+checkpoint of every train run and of every Tune experiment becomes a new version. Its files
+are copied into the run's MLflow artifacts, so a version stays loadable after Ray Train prunes
+the run's own checkpoints.
+
+The gate. Every version is scored on one fixed evaluation set. That set is the current
+champion's, or --eval-data; for the first version, it is the images held out of the training
+source by a hash of their pixels (data.in_holdout), which no run trains on. The set is
+stored with the version, so a candidate trained on other data (say --preset smoke) is still
+judged on the champion's images. A version takes the alias `champion`, which Serve follows,
+only if its accuracy beats the champion's by at least --min-improvement and no class loses
+more than --max-class-drop. The decision and its reason are printed and kept as the
+version's tags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from cifar_ray import tracking
+from cifar_ray.config import CHAMPION, REGISTERED_MODEL, Config, RegistryConfig
+
+HISTORY_TAG = "champion_history"  # on the registered model: versions that held the alias, in order
+EVAL_SET_ARTIFACT = "eval_set"
+CHECKPOINT_ARTIFACT = "checkpoint"
+
+
+class RegistryError(ValueError):
+    """A registry request that cannot be done: unknown version, missing files, no champion."""
+
+
+# ---------------------------------------------------------------------------------------
+# The gate: pure functions of scores
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Scores:
+    """A version's accuracy, overall and per class, on the evaluation set `eval_set` (its fingerprint)."""
+
+    eval_set: str
+    accuracy: float
+    per_class: dict[str, float]
+
+    @classmethod
+    def from_metrics(cls, eval_set: str, metrics: dict) -> "Scores":
+        """From report.compute_metrics' output."""
+        return cls(eval_set, metrics["accuracy"], {c: m["accuracy"] for c, m in metrics["per_class"].items()})
+
+    @classmethod
+    def from_tags(cls, tags: dict) -> "Scores | None":
+        if "eval_accuracy" not in tags:
+            return None
+        per_class = {k.split(".", 1)[1]: float(v) for k, v in tags.items() if k.startswith("class_accuracy.")}
+        return cls(tags.get("eval_set", ""), float(tags["eval_accuracy"]), per_class)
+
+    def tags(self) -> dict[str, str]:
+        return {"eval_set": self.eval_set, "eval_accuracy": f"{self.accuracy:.6f}",
+                **{f"class_accuracy.{c}": f"{a:.6f}" for c, a in self.per_class.items()}}
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+
+
+def judge(candidate: Scores, champion: Scores | None, min_improvement: float, max_class_drop: float) -> Decision:
+    """The gate: better overall by `min_improvement`, and no class worse by more than `max_class_drop`."""
+    if champion is None:
+        return Decision(True, "first version: there is no champion yet")
+    if candidate.eval_set != champion.eval_set:
+        raise RegistryError("the candidate and the champion were scored on different evaluation sets")
+    gain = round(candidate.accuracy - champion.accuracy, 6)
+    if gain < min_improvement:
+        return Decision(False, f"accuracy {candidate.accuracy:.4f} vs the champion's {champion.accuracy:.4f} "
+                               f"({gain:+.4f}), short of the required +{min_improvement:g}")
+    drops = {c: round(a - candidate.per_class.get(c, 0.0), 6) for c, a in champion.per_class.items()}
+    worst = max(drops, key=drops.get) if drops else None
+    if worst is not None and drops[worst] > max_class_drop:
+        return Decision(False, f"class {worst} falls from {champion.per_class[worst]:.4f} to "
+                               f"{candidate.per_class.get(worst, 0.0):.4f} ({-drops[worst]:+.4f}), over the "
+                               f"allowed -{max_class_drop:g}")
+    return Decision(True, f"accuracy {candidate.accuracy:.4f} vs the champion's {champion.accuracy:.4f} "
+                          f"({gain:+.4f}), no class down by more than {max_class_drop:g}")
+
+
+def decide(mode: str, candidate: Scores, champion: Scores | None, cfg: RegistryConfig) -> Decision:
+    """The gate's verdict under --promote auto|never|force."""
+    verdict = judge(candidate, champion, cfg.min_improvement, cfg.max_class_drop)
+    if mode == "auto":
+        return verdict
+    if mode == "never":
+        return Decision(False, f"--promote never (the gate would {'promote' if verdict.promote else 'refuse'}: "
+                               f"{verdict.reason})")
+    return Decision(True, f"--promote force (the gate would {'promote' if verdict.promote else 'refuse'}: "
+                          f"{verdict.reason})")
+
+
+# ---------------------------------------------------------------------------------------
+# The registered model in MLflow
+# ---------------------------------------------------------------------------------------
+
+class Registry:
+    """The registered model `cifar10-classifier` in one MLflow store, and its champion."""
+
+    def __init__(self, uri: str, name: str = REGISTERED_MODEL):
+        self.uri, self.name = uri, name
+        self.client = tracking.client(uri)
+
+    def ensure_model(self) -> None:
+        if not self._exists():
+            self.client.create_registered_model(
+                self.name, description="CIFAR-10 classifiers from cifar-ray; the alias champion is served")
+
+    def _exists(self) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(self.name)
+            return True
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
+
+    def versions(self) -> list:
+        if not self._exists():
+            return []
+        found = self.client.search_model_versions(f"name = '{self.name}'")
+        return sorted(found, key=lambda v: int(v.version))
+
+    def version(self, version: str):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version(self.name, str(version))
+        except MlflowException as e:
+            if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise RegistryError(f"{self.name} has no version {version}") from None
+            raise
+
+    def champion(self):
+        """The version the alias points to, or None."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version_by_alias(self.name, CHAMPION)
+        except MlflowException as e:
+            if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                return None
+            raise
+
+    def history(self) -> list[str]:
+        """Versions that held the alias, oldest first, ending with the current champion
+        (also when the alias was moved outside cifar-ray, by MLflow's UI or client)."""
+        tag = self.client.get_registered_model(self.name).tags.get(HISTORY_TAG, "") if self._exists() else ""
+        history = [v for v in tag.split(",") if v]
+        current = self.champion()
+        if current is not None and (not history or history[-1] != str(current.version)):
+            history.append(str(current.version))
+        return history
+
+    def set_champion(self, version: str, history: list[str] | None = None) -> None:
+        """Move the alias to `version` and record it (after `history`, default: the history so far)."""
+        history = list(self.history() if history is None else history)
+        if not history or history[-1] != str(version):
+            history.append(str(version))
+        self.client.set_registered_model_alias(self.name, CHAMPION, str(version))
+        self.client.set_registered_model_tag(self.name, HISTORY_TAG, ",".join(history[-200:]))
+        self.client.set_model_version_tag(self.name, str(version), "champion_since", now())
+
+    def check_files(self, version) -> None:
+        """A version's checkpoint must be in the store before it may be served."""
+        import mlflow.artifacts
+
+        try:
+            names = {Path(f.path).name for f in mlflow.artifacts.list_artifacts(
+                artifact_uri=version.source, tracking_uri=self.uri)}
+        except Exception as e:
+            raise RegistryError(f"version {version.version}: cannot list its files at {version.source} "
+                                f"({tracking.first_line(e)})") from None
+        missing = {"model.keras", "metadata.json"} - names
+        if missing:
+            raise RegistryError(f"version {version.version}: {', '.join(sorted(missing))} missing at {version.source}")
+
+    def download(self, version, destination: str) -> Path:
+        """The version's checkpoint folder, fetched into `destination`."""
+        import mlflow.artifacts
+
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=destination,
+                                                        tracking_uri=self.uri))
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------------------
+# The fixed evaluation set
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class EvalSet:
+    """The gate's evaluation set: decoded images in Ray's object store, and where it is kept."""
+
+    dataset: object
+    fingerprint: str
+    description: str
+    uri: str | None = None  # its artifact URI once the registry keeps a copy
+
+
+def choose_eval_set(registry: Registry, cfg: RegistryConfig, champion, holdout=None, source: str = "") -> EvalSet:
+    """--eval-data, else the champion's evaluation set, else `holdout` (held out of `source`)."""
+    from cifar_ray.data import data_fingerprint, read_source
+
+    if cfg.eval_data:
+        ds = read_source(cfg.eval_data, split="test").materialize()
+        return EvalSet(ds, data_fingerprint(ds), f"--eval-data {cfg.eval_data}")
+    if champion is not None and champion.tags.get("eval_set_uri"):
+        import mlflow.artifacts
+
+        with tempfile.TemporaryDirectory(prefix="cifar-ray-evalset-") as tmp:
+            folder = mlflow.artifacts.download_artifacts(artifact_uri=champion.tags["eval_set_uri"], dst_path=tmp,
+                                                         tracking_uri=registry.uri)
+            ds = read_source(folder).materialize()
+        fingerprint = data_fingerprint(ds)
+        if fingerprint != champion.tags.get("eval_set"):
+            raise RegistryError(f"the champion's evaluation set at {champion.tags['eval_set_uri']} has changed "
+                                f"(fingerprint {fingerprint}, registered {champion.tags.get('eval_set')})")
+        return EvalSet(ds, fingerprint, champion.tags.get("eval_set_description", ""), champion.tags["eval_set_uri"])
+    if holdout is None or holdout.count() == 0:
+        raise RegistryError("no evaluation set for a first version: pass --eval-data")
+    return EvalSet(holdout, data_fingerprint(holdout),
+                   f"{holdout.count()} images held out of {source} by pixel hash, never trained on")
+
+
+def write_eval_set(ds, folder: Path) -> None:
+    """The evaluation set as a Parquet folder in the input schema (image: PNG bytes, label)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cifar_ray.data import encode_png
+
+    images, labels = [], []
+    for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
+        images += [encode_png(x) for x in batch["image"]]
+        labels += [int(y) for y in batch["label"]]
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"image": images, "label": pa.array(labels, pa.int64())}), folder / "part-0.parquet")
+
+
+def score(checkpoint: str, eval_set: EvalSet) -> Scores:
+    from cifar_ray.evaluate import evaluate_dataset
+
+    metrics = evaluate_dataset(eval_set.dataset, checkpoint, {"source": eval_set.description, "split": "all rows"})
+    return Scores.from_metrics(eval_set.fingerprint, metrics)
+
+
+def champion_scores(registry: Registry, champion, eval_set: EvalSet) -> Scores | None:
+    """The champion's scores on `eval_set`: its tags if scored there, else measured now."""
+    if champion is None:
+        return None
+    stored = Scores.from_tags(champion.tags)
+    if stored is not None and stored.eval_set == eval_set.fingerprint:
+        return stored
+    print(f"scoring champion version {champion.version} on the evaluation set ({eval_set.description})", flush=True)
+    with tempfile.TemporaryDirectory(prefix="cifar-ray-champion-") as tmp:
+        return score(str(registry.download(champion, tmp)), eval_set)
+
+
+# ---------------------------------------------------------------------------------------
+# Registering a checkpoint: score, store, gate
+# ---------------------------------------------------------------------------------------
+
+def register(registry: Registry, cfg: RegistryConfig, run_id: str, checkpoint: str, eval_set: EvalSet,
+             tags: dict) -> dict:
+    """Make `checkpoint` a new version, scored on `eval_set`, and let the gate decide on it.
+
+    Returns what summary.json records: version, decision, reason, scores and the champion.
+    """
+    from cifar_ray.checkpoint import local_checkpoint
+
+    registry.ensure_model()
+    champion = registry.champion()
+    candidate = score(checkpoint, eval_set)
+    incumbent = champion_scores(registry, champion, eval_set)
+    decision = decide(cfg.promote, candidate, incumbent, cfg)
+
+    artifact_uri = registry.client.get_run(run_id).info.artifact_uri
+    with local_checkpoint(checkpoint) as folder:
+        registry.client.log_artifacts(run_id, str(folder), CHECKPOINT_ARTIFACT)
+    if eval_set.uri is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_eval_set(eval_set.dataset, Path(tmp))
+            registry.client.log_artifacts(run_id, tmp, EVAL_SET_ARTIFACT)
+        eval_set.uri = f"{artifact_uri}/{EVAL_SET_ARTIFACT}"
+    version_tags = {
+        **{k: str(v) for k, v in tags.items() if v is not None}, **candidate.tags(),
+        "eval_set_uri": eval_set.uri, "eval_set_description": eval_set.description,
+        "gate_decision": "promoted" if decision.promote else "not promoted", "gate_reason": decision.reason,
+        "gate_compared_to": str(champion.version) if champion else "none",
+    }
+    version = registry.client.create_model_version(registry.name, source=f"{artifact_uri}/{CHECKPOINT_ARTIFACT}",
+                                                   run_id=run_id, tags=version_tags, description=decision.reason)
+    if decision.promote:
+        registry.set_champion(str(version.version))
+    outcome = {
+        "registered_model": registry.name, "version": str(version.version), "promoted": decision.promote,
+        "reason": decision.reason,
+        "champion": str(version.version) if decision.promote else (str(champion.version) if champion else None),
+        "compared_to": str(champion.version) if champion else None, "eval_accuracy": candidate.accuracy,
+        "champion_eval_accuracy": incumbent.accuracy if incumbent else None,
+        "eval_set": {"fingerprint": eval_set.fingerprint, "description": eval_set.description},
+        "tracking_uri": registry.uri,
+    }
+    print(format_outcome(outcome), flush=True)
+    return outcome
+
+
+def format_outcome(o: dict) -> str:
+    verdict = "is now champion" if o["promoted"] else f"not promoted (champion stays version {o['champion']})"
+    return (f"registry: {o['registered_model']} version {o['version']} {verdict}: {o['reason']}\n"
+            f"  evaluation set: {o['eval_set']['description']} [{o['eval_set']['fingerprint']}]")
+
+
+def register_run(cfg: Config, run_id: str, checkpoint: str, holdout, info, run_dir: str) -> dict:
+    """The end of a train or Tune run: register its best checkpoint through the gate.
+
+    A registry that cannot be reached costs no work: the checkpoints stay where they are,
+    and the error says how to register them later.
+    """
+    uri = tracking.tracking_uri(cfg)
+    try:
+        registry = Registry(uri)
+        eval_set = choose_eval_set(registry, cfg.registry, registry.champion(), holdout, info.source)
+        tags = {"run": cfg.run.name, "run_dir": run_dir, "git_commit": tracking.git_commit(),
+                "data_source": info.source, "data_fingerprint": info.fingerprint, "model": cfg.model.model}
+        return register(registry, cfg.registry, run_id, checkpoint, eval_set, tags)
+    except RegistryError:
+        raise
+    except Exception as e:
+        raise tracking.TrackingUnavailable(
+            f"cannot register the model in {uri} ({tracking.first_line(e)}); the run's checkpoints are kept in "
+            f"{run_dir}; register the best later with: python -m cifar_ray.registry register {checkpoint} "
+            f"--tracking-uri {uri}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------
+
+def list_versions(registry: Registry) -> str:
+    champion = registry.champion()
+    rows = [("version", "champion", "created", "run", "model", "eval_accuracy", "gate")]
+    for v in registry.versions():
+        created = datetime.fromtimestamp(v.creation_timestamp / 1000).strftime("%Y-%m-%d %H:%M")
+        rows.append((v.version, "*" if champion and str(champion.version) == str(v.version) else "", created,
+                     v.tags.get("run", ""), v.tags.get("model", ""), v.tags.get("eval_accuracy", "")[:6],
+                     v.tags.get("gate_decision", "")))
+    if len(rows) == 1:
+        return f"{registry.name} has no versions yet in {registry.uri}"
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def show_version(registry: Registry, version: str) -> str:
+    v = registry.version(version)
+    info = {"version": str(v.version), "aliases": list(v.aliases), "source": v.source, "run_id": v.run_id,
+            "created": datetime.fromtimestamp(v.creation_timestamp / 1000).isoformat(timespec="seconds"),
+            "tags": dict(sorted(v.tags.items()))}
+    return json.dumps(info, indent=2)
+
+
+def promote(registry: Registry, cfg: RegistryConfig, version: str, force: bool) -> Decision:
+    """Move champion to `version` if the gate allows it (judged on the scores both versions
+    carry, from the same evaluation set), or regardless with `force`."""
+    candidate = registry.version(version)
+    registry.check_files(candidate)
+    champion = registry.champion()
+    if champion is not None and str(champion.version) == str(candidate.version):
+        raise RegistryError(f"version {version} is already champion")
+    if force:
+        decision = Decision(True, "forced by registry promote --force")
+    else:
+        scores, incumbent = Scores.from_tags(candidate.tags), champion and Scores.from_tags(champion.tags)
+        if scores is None or (champion is not None and (incumbent is None or scores.eval_set != incumbent.eval_set)):
+            raise RegistryError(f"version {version} and champion version {champion.version} were not scored on "
+                                "the same evaluation set; use --force to promote anyway")
+        decision = judge(scores, incumbent, cfg.min_improvement, cfg.max_class_drop)
+    if decision.promote:
+        registry.set_champion(str(candidate.version))
+        registry.client.set_model_version_tag(registry.name, str(candidate.version), "promoted_by", decision.reason)
+    return decision
+
+
+def rollback(registry: Registry) -> tuple[str, str]:
+    """Champion back to the version that held it before the current one: (from, to)."""
+    history = registry.history()
+    if len(history) < 2:
+        raise RegistryError("no earlier champion to roll back to")
+    current, previous = history[-1], history[-2]
+    registry.check_files(registry.version(previous))
+    registry.set_champion(previous, history=history[:-1])
+    return current, previous
+
+
+def register_checkpoint(cfg: Config, checkpoint: str) -> dict:
+    """`registry register`: a checkpoint made earlier, through the gate, in its own MLflow run.
+
+    For a first version with no --eval-data, the evaluation set is held out of the
+    checkpoint's own training source, as at the end of training.
+    """
+    from cifar_ray.checkpoint import local_checkpoint, read_metadata
+    from cifar_ray.cli import init_ray
+
+    with local_checkpoint(checkpoint) as folder:
+        metadata = read_metadata(folder)
+    uri = tracking.tracking_uri(cfg)
+    registry = Registry(uri)
+    champion = registry.champion()
+    init_ray()
+    holdout = None
+    if not cfg.registry.eval_data and champion is None:
+        holdout = holdout_of_training_source(Config.from_dict(metadata["config"]))
+    eval_set = choose_eval_set(registry, cfg.registry, champion, holdout, metadata["data"]["source"])
+    name = f"register-{Path(checkpoint.rstrip('/')).parent.name}-{Path(checkpoint.rstrip('/')).name}"
+    run_cfg = Config.from_dict(metadata["config"]).with_overrides({"name": name})
+    run_id = tracking.start_run(uri, run_cfg, kind="register")
+    tags = {"run": metadata["config"]["run"]["name"], "checkpoint": checkpoint, "git_commit": tracking.git_commit(),
+            "data_source": metadata["data"]["source"], "data_fingerprint": metadata["data"].get("fingerprint"),
+            "model": metadata["model"]}
+    outcome = register(registry, cfg.registry, run_id, checkpoint, eval_set, tags)
+    tracking.end_run(uri, run_id)
+    return outcome
+
+
+def holdout_of_training_source(cfg: Config):
+    from cifar_ray.data import read_source, split_off_holdout
+
+    d = cfg.data
+    ds = read_source(d.data, synthetic_size=d.synthetic_size, seed=cfg.train.seed).materialize()
+    return split_off_holdout(ds)[1]
+
+
+def main(argv: list[str] | None = None) -> None:
+    from cifar_ray.cli import run_cli
+    from cifar_ray.config import add_field_flags
+
+    store = argparse.ArgumentParser(add_help=False)
+    add_field_flags(store, ("tracking_uri", "storage_path"))
+    parser = argparse.ArgumentParser(prog="python -m cifar_ray.registry", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", parents=[store], help="all versions, the champion marked *")
+    commands.add_parser("show", parents=[store], help="one version: source, scores, gate decision, tags") \
+        .add_argument("version")
+    p = commands.add_parser("promote", parents=[store], help="make a version champion if the gate allows it")
+    p.add_argument("version")
+    p.add_argument("--force", action="store_true", help="promote whatever the gate says")
+    add_field_flags(p, ("min_improvement", "max_class_drop"))
+    commands.add_parser("rollback", parents=[store], help="champion back to the previous champion")
+    p = commands.add_parser("register", parents=[store], help="a checkpoint folder or URI as a new version, "
+                                                               "through the gate")
+    p.add_argument("checkpoint")
+    add_field_flags(p, ("eval_data", "promote", "min_improvement", "max_class_drop"))
+    args = parser.parse_args(argv)
+
+    def run() -> None:
+        cfg = Config().with_overrides({k: v for k, v in vars(args).items()
+                                       if v is not None and k not in ("command", "version", "force", "checkpoint")})
+        if args.command == "register":
+            register_checkpoint(cfg, args.checkpoint)
+            return
+        registry = Registry(tracking.tracking_uri(cfg))
+        try:
+            if args.command == "list":
+                print(list_versions(registry))
+            elif args.command == "show":
+                print(show_version(registry, args.version))
+            elif args.command == "promote":
+                decision = promote(registry, cfg.registry, args.version, args.force)
+                verdict = "is now champion" if decision.promote else "not promoted"
+                print(f"{registry.name} version {args.version} {verdict}: {decision.reason}")
+                if not decision.promote:
+                    raise SystemExit(1)
+            elif args.command == "rollback":
+                current, previous = rollback(registry)
+                print(f"{registry.name}: champion rolled back from version {current} to version {previous}")
+        except (RegistryError, SystemExit):
+            raise
+        except Exception as e:
+            raise tracking.TrackingUnavailable(f"registry {registry.uri}: {tracking.first_line(e)}") from None
+
+    run_cli(run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Experiment tracking on MLflow: every training run and Tune trial is an MLflow run.
+
+Where runs go: --tracking-uri, else MLflow's own MLFLOW_TRACKING_URI (a shared server on a
+cluster), else an embedded store beside the runs that needs no server:
+sqlite:///<storage-path>/mlflow.db, with artifacts in <storage-path>/mlartifacts. Look at it with
+
+    mlflow ui --backend-store-uri sqlite:///runs/mlflow.db
+
+A run logs its config as params when it starts, its metrics as each epoch is reported
+(`EpochLogger`, a Ray Train callback), and its curves, history, summary and audit when it
+ends. Rerunning a --name reopens its MLflow run, so a resumed run stays one run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+from ray.train import UserCallback
+
+from cifar_ray.config import Config, flatten
+
+EXPERIMENT = "cifar-ray"
+RUN_TAG = "cifar_ray.run"  # the cifar-ray run name, to find a run again on resume
+KIND_TAG = "cifar_ray.kind"  # train, tune, trial or register
+ARTIFACTS = ("summary.json", "history.csv", "curves.png", "MODEL_CARD.md", "metrics.json",
+             "confusion_matrix.png", "per_class.png", "reliability.png", "errors.png",
+             "leaderboard.csv", "leaderboard.md", "comparison.png")
+
+
+class TrackingUnavailable(ValueError):
+    """The MLflow tracking store or registry cannot be reached."""
+
+
+def tracking_uri(cfg: Config) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else sqlite beside the runs."""
+    if cfg.registry.tracking_uri:
+        return cfg.registry.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    storage = cfg.run.storage_path
+    if "://" in storage:
+        raise ValueError(f"--storage-path {storage} is remote, so the embedded MLflow store cannot live "
+                         "beside it: point --tracking-uri or MLFLOW_TRACKING_URI at an MLflow server")
+    return f"sqlite:///{Path(storage).expanduser().resolve()}/mlflow.db"
+
+
+def client(uri: str):
+    """An MlflowClient for `uri`, with MLflow's start-up logging and long retries turned down."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # a down server fails in seconds
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    from mlflow import MlflowClient
+
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def check_reachable(uri: str) -> None:
+    """Fail before training, not after, when runs could not be tracked."""
+    try:
+        experiment_id(client(uri), uri)
+    except Exception as e:
+        raise TrackingUnavailable(f"cannot reach the MLflow tracking store {uri} ({first_line(e)})") from None
+
+
+def experiment_id(mlflow_client, uri: str) -> str:
+    """The `cifar-ray` experiment, created on first use; an embedded store keeps its
+    artifacts beside mlflow.db rather than in the working directory."""
+    experiment = mlflow_client.get_experiment_by_name(EXPERIMENT)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = Path(uri.removeprefix("sqlite:///")).parent.joinpath("mlartifacts").as_uri()
+    return mlflow_client.create_experiment(EXPERIMENT, artifact_location=location)
+
+
+def start_run(uri: str, cfg: Config, kind: str, parent_run_id: str | None = None) -> str:
+    """Open the MLflow run of the cifar-ray run cfg.run.name (reopen it when resuming)."""
+    from mlflow.entities import Param
+
+    c = client(uri)
+    exp = experiment_id(c, uri)
+    existing = c.search_runs([exp], filter_string=f"tags.`{RUN_TAG}` = '{cfg.run.name}' "
+                                                  f"and tags.`{KIND_TAG}` = '{kind}'", max_results=1)
+    if existing:
+        run_id = existing[0].info.run_id
+        c.update_run(run_id, status="RUNNING")
+        return run_id
+    tags = {"mlflow.runName": cfg.run.name, RUN_TAG: cfg.run.name, KIND_TAG: kind}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    if git_commit():
+        tags["mlflow.source.git.commit"] = git_commit()
+    run_id = c.create_run(exp, run_name=cfg.run.name, tags=tags).info.run_id
+    params = [Param(k, str(v)[:6000]) for k, v in sorted(flatten(cfg.to_dict()).items())]
+    for i in range(0, len(params), 100):  # MLflow takes at most 100 params per call
+        c.log_batch(run_id, params=params[i:i + 100])
+    return run_id
+
+
+def log_data_info(uri: str, run_id: str, info) -> None:
+    """What the run trained on: source, sizes and the data fingerprint (a DataInfo)."""
+    c = client(uri)
+    for key in ("source", "num_train", "num_val", "num_holdout", "fingerprint", "skipped_rows"):
+        c.set_tag(run_id, f"data.{key}", str(getattr(info, key)))
+
+
+def log_epoch(uri: str, run_id: str, metrics: dict) -> None:
+    """One epoch's numbers, at step = epoch."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now, step = int(time.time() * 1000), int(metrics["epoch"])
+    client(uri).log_batch(run_id, metrics=[
+        Metric(k, float(v), now, step) for k, v in metrics.items()
+        if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)])
+
+
+def log_outputs(uri: str, run_id: str, folder: str) -> None:
+    """The files of a run folder (local or URI) that people look at, as the run's artifacts."""
+    import tempfile
+
+    from cifar_ray.checkpoint import read_file
+
+    c = client(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ARTIFACTS:
+            try:
+                data = read_file(folder, name)
+            except (FileNotFoundError, OSError):
+                continue
+            Path(tmp, name).write_bytes(data)
+        c.log_artifacts(run_id, tmp)
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    client(uri).set_terminated(run_id, status)
+
+
+@contextlib.contextmanager
+def run_status(uri: str, run_id: str):
+    """Mark the MLflow run FINISHED when the body ends, FAILED or KILLED when it raises."""
+    try:
+        yield
+    except BaseException as e:
+        try:
+            end_run(uri, run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        except Exception:
+            pass  # the store is what failed: the body's error says more
+        raise
+    end_run(uri, run_id)
+
+
+@functools.cache
+def git_commit() -> str | None:
+    """The commit of the cifar-ray checkout this runs from, when it is one."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+class EpochLogger(UserCallback):
+    """Logs every epoch's metrics to the MLflow run as Ray Train reports them.
+
+    Runs in Ray Train's controller, so it carries the URI and run id, not a client. A
+    tracking store that stops answering costs a warning, never the training run.
+    """
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id, self.warned = uri, run_id, False
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if not metrics or "epoch" not in metrics[0]:
+            return
+        try:
+            log_epoch(self.uri, self.run_id, metrics[0])
+        except Exception as e:
+            if not self.warned:
+                print(f"warning: cannot log metrics to MLflow ({first_line(e)}); training goes on",
+                      flush=True)
+                self.warned = True
