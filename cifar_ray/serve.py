@@ -1,14 +1,18 @@
 """Online predictions: a Ray Serve deployment with a FastAPI ingress.
 
-    serve run serve_config.yaml                                    # the checkpoint in ./runs/best
-    CIFAR_RAY_CHECKPOINT=runs/NAME/epoch_0010 serve run serve_config.yaml
-    python -m cifar_ray.serve --checkpoint runs/best               # the same, without the YAML
+    serve run serve_config.yaml                         # the registry's champion, followed live
+    CIFAR_RAY_CHECKPOINT=runs/NAME/epoch_0010 serve run serve_config.yaml   # a plain checkpoint
+    python -m cifar_ray.serve                           # the same as the YAML, without it
     curl -F file=@cat.png localhost:8000/predict
+
+By default replicas serve `models:/cifar10-classifier@champion` from the MLflow registry
+(registry.py) and switch to a new champion by themselves, within --poll-interval-s, with no
+redeploy and no failed request (live_model.py). Every answer names its `model_version`.
 
 Endpoints (OpenAPI docs at /docs):
     POST /predict        an image: multipart upload (field `file`) or raw bytes (image/*)
     POST /predict/json   {"image": HxWx3 nested lists of 0-255} or {"images": [...]}
-    GET  /healthz        200 once the model is loaded and warmed up, else 503 and why
+    GET  /healthz        200 once a model is loaded and warmed up, else 503 and why
     GET  /metadata       class names, model, training metrics, data source, model card
 
 Concurrent requests share one model call through `@serve.batch`; `user_config` in
@@ -21,6 +25,7 @@ import argparse
 import json
 import logging
 import os
+import threading
 from dataclasses import asdict
 from typing import Any
 
@@ -28,7 +33,8 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from ray import serve
 
-from cifar_ray.config import IMAGE_SHAPE, ServeConfig, add_config_flags, config_from_args
+from cifar_ray.config import IMAGE_SHAPE, ServeConfig, add_config_flags, add_field_flags, config_from_args
+from cifar_ray.live_model import REGISTRY_URI, LiveModel
 
 logger = logging.getLogger("ray.serve")
 CHECKPOINT_ENV = "CIFAR_RAY_CHECKPOINT"
@@ -64,35 +70,26 @@ def pixels_to_batch(images: Any) -> np.ndarray:
 @serve.deployment(name="Classifier")
 @serve.ingress(api)
 class Classifier:
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, tracking_uri: str | None = None):
         self.cfg = ServeConfig(**cfg)
-        self.model = None
-        self.metadata: dict = {}
-        self.audit: dict | None = None
-        self.not_ready_reason = "loading"
-        try:
-            self._load(self.cfg.checkpoint)
-        except Exception as e:
-            # Stay up and say why on /healthz: a replica that raised here would be
-            # restarted forever, and the reason would scroll away in the logs.
-            self.not_ready_reason = f"cannot load checkpoint {self.cfg.checkpoint}: {e}"
-            logger.error(self.not_ready_reason)
+        # A model that cannot be loaded keeps the replica up, saying why on /healthz: a
+        # replica that raised here would be restarted forever, the reason lost in the logs.
+        self.live = LiveModel(self.cfg.checkpoint, tracking_uri)
+        self.live.refresh()
+        self.stop = threading.Event()
+        if self.live.follows_registry:
+            threading.Thread(target=self._follow_registry, name="follow-registry", daemon=True).start()
 
-    def _load(self, checkpoint: str) -> None:
-        import tensorflow as tf
+    def _follow_registry(self) -> None:
+        """Swap in the version the alias points to, whenever it moves (live_model.py)."""
+        while not self.stop.wait(self.cfg.poll_interval_s):
+            try:
+                self.live.refresh()
+            except Exception:  # never let the follower die: the next poll tries again
+                logger.exception("following the registry")
 
-        from cifar_ray.checkpoint import load_checkpoint, local_checkpoint
-
-        with local_checkpoint(checkpoint) as directory:
-            model, self.metadata = load_checkpoint(directory, compile=False)
-            audit = directory / "metrics.json"  # written by training's audit (evaluate.py)
-            self.audit = json.loads(audit.read_text()) if audit.is_file() else None
-        self.model_version = "/".join(checkpoint.rstrip("/").split("/")[-2:])
-        self.forward = tf.function(lambda x: model(x, training=False),
-                                   input_signature=[tf.TensorSpec([None, *IMAGE_SHAPE], tf.float32)])
-        self.forward(np.zeros((1, *IMAGE_SHAPE), np.float32))  # trace and warm up
-        self.model = model
-        self.not_ready_reason = ""
+    def __del__(self):
+        self.stop.set()
 
     def reconfigure(self, user_config: dict) -> None:
         """Batching knobs from serve_config.yaml's user_config, applied without a restart."""
@@ -102,11 +99,13 @@ class Classifier:
             self.predict_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def predict_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """One model call for all images of all concurrent requests."""
+    async def predict_batch(self, images: list[np.ndarray]) -> list[tuple]:
+        """One model call for all images of all concurrent requests; each request gets its
+        probabilities and the model that computed them (a swap may land between batches)."""
+        model = self.live.current
         counts = [len(x) for x in images]
-        probabilities = self.forward(np.concatenate(images).astype(np.float32)).numpy()
-        return np.split(probabilities, np.cumsum(counts)[:-1])
+        probabilities = model.predict(np.concatenate(images))
+        return [(p, model) for p in np.split(probabilities, np.cumsum(counts)[:-1])]
 
     # --- HTTP endpoints -----------------------------------------------------------------
 
@@ -115,7 +114,7 @@ class Classifier:
         """Classify one image, uploaded as multipart form field `file` or as raw bytes."""
         self._require_ready()
         image = await self._read_image(request)
-        return self._answer(await self.predict_batch(image[None]), top_k)[0]
+        return self._answer(*await self.predict_batch(image[None]), top_k)[0]
 
     @api.post("/predict/json")
     async def predict_json(self, request: Request, top_k: int | None = Query(None, ge=1, le=10)) -> Any:
@@ -126,29 +125,33 @@ class Classifier:
             raise HTTPException(422, 'expected a JSON object with "image" or "images"')
         batch = payload.get("images", [payload.get("image")] if "image" in payload else None)
         images = pixels_to_batch(batch)
-        answers = self._answer(await self.predict_batch(images), top_k)
+        answers = self._answer(*await self.predict_batch(images), top_k)
         return answers[0] if "image" in payload else answers
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        if self.not_ready_reason:
-            raise HTTPException(503, self.not_ready_reason)
-        return {"status": "ok", "model": self.metadata["model"], "version": self.model_version}
+        """200 while a model serves (with `warning` when a newer version failed to load)."""
+        self._require_ready()
+        model = self.live.current
+        health = {"status": "ok", "model": model.metadata["model"], "model_version": model.version,
+                  "source": self.cfg.checkpoint}
+        return {**health, "warning": self.live.error} if self.live.error else health
 
     @api.get("/metadata")
     async def get_metadata(self) -> dict:
         self._require_ready()
-        m = self.metadata
-        return {"model": m["model"], "version": self.model_version, "class_names": m["class_names"],
+        model = self.live.current
+        m = model.metadata
+        return {"model": m["model"], "model_version": model.version, "source": self.cfg.checkpoint,
+                "registry_error": self.live.error or None, "class_names": m["class_names"],
                 "input_shape": m["input_shape"], "epoch": m["epoch"], "training_metrics": m["metrics"],
-                "data": m["data"], "config": m["config"], "versions": m["versions"],
-                "evaluation": self.audit}
+                "data": m["data"], "config": m["config"], "versions": m["versions"], "evaluation": model.audit}
 
     # --- helpers ------------------------------------------------------------------------
 
     def _require_ready(self) -> None:
-        if self.not_ready_reason:
-            raise HTTPException(503, self.not_ready_reason)
+        if self.live.current is None:
+            raise HTTPException(503, self.live.error or "loading")
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.cfg.max_body_bytes
@@ -202,8 +205,8 @@ class Classifier:
         except (ValueError, RecursionError) as e:
             raise HTTPException(400, f"invalid JSON ({type(e).__name__})") from None
 
-    def _answer(self, probabilities: np.ndarray, top_k: int | None) -> list[dict]:
-        names = self.metadata["class_names"]
+    def _answer(self, probabilities: np.ndarray, model, top_k: int | None) -> list[dict]:
+        names = model.metadata["class_names"]
         k = top_k or self.cfg.top_k
         answers = []
         for p in probabilities:
@@ -211,28 +214,35 @@ class Classifier:
             answers.append({
                 "class_name": names[int(ranked[0])], "class_index": int(ranked[0]),
                 "top_k": [{"class_name": names[int(i)], "probability": float(p[i])} for i in ranked],
-                "model": self.metadata["model"], "version": self.model_version,
+                "model": model.metadata["model"], "model_version": model.version,
             })
         return answers
 
 
-def serve_config_from_args(args: dict) -> ServeConfig:
-    """Serve `args` (the ServeConfig field names) plus the CIFAR_RAY_CHECKPOINT override."""
-    from cifar_ray.config import Config
+def serve_config_from_args(args: dict) -> tuple[ServeConfig, str | None]:
+    """(ServeConfig, MLflow tracking URI) from `args`: config field names, as in serve_config.yaml.
 
-    cfg = Config().with_overrides(args).serve
-    checkpoint = os.environ.get(CHECKPOINT_ENV) or cfg.checkpoint
+    CIFAR_RAY_CHECKPOINT overrides the checkpoint. Relative paths are made absolute here,
+    where `serve run` was started; the tracking URI is only needed for a models:/ source.
+    """
+    from cifar_ray.config import Config
+    from cifar_ray.tracking import tracking_uri
+
+    cfg = Config().with_overrides(args)
+    checkpoint = os.environ.get(CHECKPOINT_ENV) or cfg.serve.checkpoint
+    if REGISTRY_URI.match(checkpoint):
+        return ServeConfig(**{**asdict(cfg.serve), "checkpoint": checkpoint}), tracking_uri(cfg)
     if "://" not in checkpoint:
         checkpoint = os.path.abspath(checkpoint)
-    return ServeConfig(**{**asdict(cfg), "checkpoint": checkpoint})
+    return ServeConfig(**{**asdict(cfg.serve), "checkpoint": checkpoint}), None
 
 
 def app(args: dict) -> serve.Application:
     """The application builder that `serve run serve_config.yaml` imports."""
-    cfg = serve_config_from_args(args)
+    cfg, uri = serve_config_from_args(args)
     return Classifier.options(user_config={"max_batch_size": cfg.max_batch_size,
                                            "batch_wait_timeout_s": cfg.batch_wait_timeout_s}
-                              ).bind(asdict(cfg))
+                              ).bind(asdict(cfg), uri)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -241,15 +251,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m cifar_ray.serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(parser, ("serve",))
+    add_field_flags(parser, ("tracking_uri", "storage_path"))
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     args = parser.parse_args(argv)
 
     def run() -> None:
-        cfg = config_from_args(args).serve
+        cfg = config_from_args(args)
         init_ray()
         serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(app(asdict(cfg)), blocking=True)
+        serve.run(app({**asdict(cfg.serve), "tracking_uri": cfg.registry.tracking_uri,
+                       "storage_path": cfg.run.storage_path}), blocking=True)
 
     run_cli(run)
 

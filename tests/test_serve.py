@@ -108,7 +108,7 @@ def test_healthz_and_metadata(endpoint):
     metadata = requests.get(f"{url}/metadata", timeout=30).json()
     assert metadata["class_names"][0] == "airplane" and metadata["model"] == "shallow_cnn"
     assert metadata["data"]["source"] == "synthetic" and "val_accuracy" in metadata["training_metrics"]
-    assert metadata["evaluation"]["examples"] == 80  # the model card's numbers travel with it
+    assert metadata["evaluation"]["examples"] == metadata["data"]["num_val"]  # the audit travels with it
     assert requests.get(f"{url}/docs", timeout=30).status_code == 200
 
 

@@ -1,0 +1,131 @@
+"""The model a Serve replica answers with: loaded, warmed up, and swapped when the champion moves.
+
+What to serve (`source`):
+- `models:/NAME@ALIAS` (the default, `models:/cifar10-classifier@champion`): the registry
+  version the alias points to, followed. The replica calls `refresh` every poll interval. A
+  new version is loaded and warmed up beside the one being served, then swapped in with one
+  assignment, so requests in flight finish on the model they started with and none fail.
+- `models:/NAME/VERSION`: one registry version, pinned.
+- a checkpoint folder or URI: loaded once.
+
+A version that fails to load leaves the current one serving; `error` says why, and the same
+version is not tried again until the alias moves on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from cifar_ray.config import IMAGE_SHAPE
+from cifar_ray.tracking import first_line
+
+logger = logging.getLogger("ray.serve")
+REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """One loaded model, warmed up and ready to answer."""
+
+    forward: Callable
+    metadata: dict
+    audit: dict | None  # the training audit (metrics.json) the checkpoint carries
+    version: str  # the registry version number; for a checkpoint path, its last two folders
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """uint8 NHWC images -> class probabilities."""
+        return self.forward(images.astype(np.float32)).numpy()
+
+
+def load(folder: Path, version: str) -> Loaded:
+    """Load a checkpoint folder, trace its forward pass and run it once."""
+    import tensorflow as tf
+
+    from cifar_ray.checkpoint import load_checkpoint
+
+    model, metadata = load_checkpoint(folder, compile=False)
+    audit_file = folder / "metrics.json"  # written by training's audit (evaluate.py)
+    audit = json.loads(audit_file.read_text()) if audit_file.is_file() else None
+    forward = tf.function(lambda x: model(x, training=False),
+                          input_signature=[tf.TensorSpec([None, *IMAGE_SHAPE], tf.float32)])
+    forward(np.zeros((1, *IMAGE_SHAPE), np.float32))  # trace and warm up before taking traffic
+    return Loaded(forward, metadata, audit, version)
+
+
+class LiveModel:
+    """What one replica serves now (`current`), kept in step with `source`."""
+
+    def __init__(self, source: str, tracking_uri: str | None = None):
+        self.source, self.tracking_uri = source, tracking_uri
+        self.reference = REGISTRY_URI.match(source)
+        self.current: Loaded | None = None
+        self.error = ""  # why the version `source` points to is not the one served ("" when it is)
+        self._failed: str | None = None
+        self._registry = None  # an MlflowClient, made on first use
+
+    @property
+    def follows_registry(self) -> bool:
+        """True when `source` is an alias, whose version can change while serving."""
+        return bool(self.reference and self.reference["alias"])
+
+    def refresh(self) -> bool:
+        """Serve what `source` points to now; True when a new model was swapped in."""
+        try:
+            version, location = self._resolve()
+        except Exception as e:
+            self._fail(None, f"cannot look up {self.source} in {self.tracking_uri} ({first_line(e)})")
+            return False
+        if self.current is not None and version == self.current.version:
+            self.error = ""
+            return False
+        if version == self._failed:
+            return False
+        try:
+            loaded = self._load(version, location)
+        except Exception as e:
+            what = f"version {version}" if self.reference else f"checkpoint {location}"
+            self._fail(version, f"cannot load {what}: {first_line(e)}")
+            return False
+        self.current, self.error, self._failed = loaded, "", None
+        logger.info(f"serving {self.source}: version {version}")
+        return True
+
+    def _resolve(self) -> tuple[str, str]:
+        """(version, where its checkpoint is) of what `source` names now."""
+        if not self.reference:
+            return "/".join(self.source.rstrip("/").split("/")[-2:]), self.source
+        from cifar_ray.tracking import client
+
+        self._registry = self._registry or client(self.tracking_uri)
+        registry = self._registry
+        name, alias = self.reference["name"], self.reference["alias"]
+        found = (registry.get_model_version_by_alias(name, alias) if alias
+                 else registry.get_model_version(name, self.reference["version"]))
+        return str(found.version), found.source
+
+    def _load(self, version: str, location: str) -> Loaded:
+        from cifar_ray.checkpoint import local_checkpoint
+
+        if not self.reference:
+            with local_checkpoint(location) as folder:
+                return load(folder, version)
+        import mlflow.artifacts
+
+        with tempfile.TemporaryDirectory(prefix="cifar-ray-serve-") as tmp:
+            folder = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp,
+                                                         tracking_uri=self.tracking_uri)
+            return load(Path(folder), version)
+
+    def _fail(self, version: str | None, reason: str) -> None:
+        serving = f"; still serving version {self.current.version}" if self.current else ""
+        if reason + serving != self.error:  # once, not at every poll
+            logger.error(reason + serving)
+        self.error, self._failed = reason + serving, version

@@ -1,0 +1,270 @@
+"""The model lifecycle: the gate's decisions, alias moves, the registry CLI, and end to end:
+a good run becomes champion, a worse one does not, Serve follows promote and rollback."""
+
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+import requests
+
+from cifar_ray.config import CLASS_NAMES, Config, RegistryConfig
+from cifar_ray.registry import Decision, Registry, RegistryError, Scores, decide, judge, promote, rollback
+from conftest import make_images
+
+GATE = RegistryConfig(min_improvement=0.01, max_class_drop=0.05)
+
+
+def scores(accuracy: float, **per_class: float) -> Scores:
+    return Scores("evalset-1", accuracy, {c: per_class.get(c, accuracy) for c in CLASS_NAMES})
+
+
+# ---------------------------------------------------------------------------------------
+# The gate
+# ---------------------------------------------------------------------------------------
+
+def test_first_version_becomes_champion():
+    assert judge(scores(0.3), None, 0.01, 0.05) == Decision(True, "first version: there is no champion yet")
+
+
+def test_better_by_the_margin_is_promoted_and_not_by_less():
+    assert judge(scores(0.81), scores(0.80), 0.01, 0.05).promote
+    refused = judge(scores(0.805), scores(0.80), 0.01, 0.05)
+    assert not refused.promote and "short of the required +0.01" in refused.reason
+    assert not judge(scores(0.70), scores(0.80), 0.01, 0.05).promote
+
+
+def test_a_class_that_drops_too_far_blocks_an_overall_gain():
+    champion = scores(0.80, cat=0.70)
+    candidate = scores(0.85, cat=0.60)  # better overall, cat 10 points worse
+    decision = judge(candidate, champion, 0.01, 0.05)
+    assert not decision.promote and "class cat falls from 0.7000 to 0.6000" in decision.reason
+    assert judge(scores(0.85, cat=0.66), champion, 0.01, 0.05).promote  # 4 points: allowed
+
+
+def test_promote_never_and_force_override_the_verdict_and_say_what_it_was():
+    worse, better = scores(0.5), scores(0.9)
+    never = decide("never", better, worse, GATE)
+    assert not never.promote and "would promote" in never.reason
+    force = decide("force", worse, better, GATE)
+    assert force.promote and "would refuse" in force.reason
+
+
+def test_scores_measured_on_other_images_are_not_compared():
+    other = Scores("evalset-2", 0.5, {c: 0.5 for c in CLASS_NAMES})
+    with pytest.raises(RegistryError, match="different evaluation sets"):
+        judge(scores(0.9), other, 0.01, 0.05)
+
+
+def test_scores_round_trip_through_version_tags():
+    s = scores(0.8123, cat=0.5)
+    assert Scores.from_tags(s.tags()) == Scores(s.eval_set, 0.8123, {c: round(a, 6) for c, a in s.per_class.items()})
+
+
+# ---------------------------------------------------------------------------------------
+# Alias moves, on an MLflow store with hand-made versions
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def registry(tmp_path) -> Registry:
+    """A registry with versions 1-3 scored 0.5, 0.6, 0.7 on one evaluation set; 1 is champion."""
+    registry = Registry(f"sqlite:///{tmp_path}/mlflow.db")
+    registry.ensure_model()
+    for i, accuracy in enumerate((0.5, 0.6, 0.7), start=1):
+        folder = tmp_path / f"v{i}"
+        folder.mkdir()
+        (folder / "model.keras").write_bytes(b"stand-in: these tests never load it")
+        (folder / "metadata.json").write_text("{}")
+        registry.client.create_model_version(registry.name, source=folder.as_uri(), tags=scores(accuracy).tags())
+    registry.set_champion("1")
+    return registry
+
+
+def test_promote_moves_the_alias_only_through_the_gate(registry):
+    assert promote(registry, GATE, "3", force=False).promote
+    assert champion(registry) == "3"
+    assert not promote(registry, GATE, "2", force=False).promote  # 0.6 < 0.7
+    assert champion(registry) == "3"
+    assert promote(registry, GATE, "2", force=True).promote
+    assert champion(registry) == "2"
+    with pytest.raises(RegistryError, match="already champion"):
+        promote(registry, GATE, "2", force=True)
+
+
+def test_rollback_walks_back_through_the_champions(registry):
+    promote(registry, GATE, "2", force=False)
+    promote(registry, GATE, "3", force=False)
+    assert rollback(registry) == ("3", "2") and champion(registry) == "2"
+    assert rollback(registry) == ("2", "1") and champion(registry) == "1"
+    with pytest.raises(RegistryError, match="no earlier champion"):
+        rollback(registry)
+
+
+def test_rollback_after_the_alias_was_moved_by_mlflow_itself(registry):
+    """An alias moved in MLflow's UI or client: rollback returns to the champion before it."""
+    registry.client.set_registered_model_alias(registry.name, "champion", "3")
+    assert rollback(registry) == ("3", "1") and champion(registry) == "1"
+
+
+def test_a_version_without_its_files_is_never_promoted(registry, tmp_path):
+    (tmp_path / "v3" / "model.keras").unlink()
+    with pytest.raises(RegistryError, match="model.keras missing"):
+        promote(registry, GATE, "3", force=True)
+    assert champion(registry) == "1"
+
+
+def champion(registry: Registry) -> str:
+    return str(registry.champion().version)
+
+
+def registry_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cifar_ray.registry", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_cli_errors_are_one_line_exit_2_and_change_nothing(registry):
+    unknown = registry_cli("promote", "9", "--tracking-uri", registry.uri)
+    assert unknown.returncode == 2 and unknown.stderr.strip() == "error: cifar10-classifier has no version 9"
+    unreachable = registry_cli("rollback", "--tracking-uri", "http://127.0.0.1:9", timeout=60)
+    assert unreachable.returncode == 2 and unreachable.stderr.startswith("error: registry http://127.0.0.1:9")
+    assert len(unreachable.stderr.strip().splitlines()) == 1
+    assert champion(registry) == "1" and registry.history() == ["1"]
+
+
+# ---------------------------------------------------------------------------------------
+# End to end: training registers, the gate decides, Serve follows
+# ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lifecycle(two_worker_run):
+    """The shared good run (version 1, the first: champion) and a worse run into the same
+    store, trained on other images with a learning rate too small to learn anything."""
+    from cifar_ray.train import run
+
+    cfg, good, _ = two_worker_run
+    worse = run(cfg.with_overrides({"name": "worse", "num_workers": 1, "per_worker_batch_size": None,
+                                    "epochs": 1, "lr": 1e-7, "seed": 5, "synthetic_size": 200}))
+    return cfg, good, worse
+
+
+def test_a_good_run_becomes_champion_and_a_worse_one_does_not(lifecycle):
+    from cifar_ray.tracking import tracking_uri
+
+    cfg, good, worse = lifecycle
+    assert good["registry"]["version"] == "1" and good["registry"]["promoted"]
+    outcome = worse["registry"]
+    assert outcome["version"] == "2" and not outcome["promoted"] and outcome["champion"] == "1"
+    assert "short of the required" in outcome["reason"]
+    # judged on the champion's images, not on its own (other seed: other synthetic images)
+    assert outcome["eval_set"] == good["registry"]["eval_set"]
+    versions = {str(v.version): v for v in Registry(tracking_uri(cfg)).versions()}
+    assert versions["2"].tags["gate_decision"] == "not promoted"
+    assert versions["2"].tags["eval_set"] == versions["1"].tags["eval_set"]
+    assert float(versions["1"].tags["eval_accuracy"]) > float(versions["2"].tags["eval_accuracy"])
+
+
+def test_the_train_run_is_tracked_with_params_epochs_and_artifacts(lifecycle):
+    from cifar_ray import tracking
+
+    cfg, good, _ = lifecycle
+    uri = tracking.tracking_uri(cfg)
+    client = tracking.client(uri)
+    version = Registry(uri).version("1")
+    run = client.get_run(version.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["model"] == "shallow_cnn"
+    assert run.data.tags["data.fingerprint"] == version.tags["data_fingerprint"]
+    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert [m.step for m in history] == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"summary.json", "curves.png", "MODEL_CARD.md", "metrics.json", "checkpoint", "eval_set"} <= artifacts
+
+
+def wait_for(predicate, timeout: float, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"not within {timeout} s")
+
+
+def test_serve_follows_the_champion_through_promote_rollback_and_a_broken_version(lifecycle, tmp_path):
+    from dataclasses import asdict
+
+    from ray import serve
+
+    from cifar_ray.serve import Classifier, serve_config_from_args
+    from cifar_ray.tracking import tracking_uri
+    from test_serve import free_port
+
+    cfg, _, _ = lifecycle
+    uri = tracking_uri(cfg)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve_cfg, resolved_uri = serve_config_from_args({"storage_path": cfg.run.storage_path, "poll_interval_s": 0.5})
+    assert serve_cfg.checkpoint == "models:/cifar10-classifier@champion" and resolved_uri == uri
+    serve.run(Classifier.options(ray_actor_options={"num_cpus": 0}).bind(asdict(serve_cfg), resolved_uri),
+              name="cifar-registry", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    image = {"image": make_images(1, seed=9)[0][0].tolist()}
+
+    def served_version():
+        response = requests.post(f"{url}/predict/json", json=image, timeout=30)
+        assert response.status_code == 200, response.text
+        return response.json()["model_version"]
+
+    def cli(*args):
+        result = registry_cli(*args, "--tracking-uri", uri)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    try:
+        assert served_version() == "1"
+        assert "is now champion" in cli("promote", "2", "--force")
+        wait_for(lambda: served_version() == "2", timeout=30)
+        assert "from version 2 to version 1" in cli("rollback")
+        wait_for(lambda: served_version() == "1", timeout=30)
+
+        # a version whose model file is damaged: version 1 keeps serving, /healthz says why
+        registry = Registry(uri)
+        broken = tmp_path / "broken"
+        shutil.copytree(registry.download(registry.version("1"), str(tmp_path / "v1")), broken)
+        (broken / "model.keras").write_bytes((broken / "model.keras").read_bytes()[:1000])
+        registry.client.create_model_version(registry.name, source=broken.as_uri(), tags={"run": "broken"})
+        cli("promote", "3", "--force")
+        health = wait_for(lambda: requests.get(f"{url}/healthz", timeout=30).json().get("warning"), timeout=30)
+        assert "version 3" in health and "still serving version 1" in health
+        assert served_version() == "1"
+        cli("rollback")
+        wait_for(lambda: "warning" not in requests.get(f"{url}/healthz", timeout=30).json(), timeout=30)
+        metadata = requests.get(f"{url}/metadata", timeout=30).json()
+        assert metadata["model_version"] == "1" and metadata["registry_error"] is None
+    finally:
+        serve.delete("cifar-registry")
+        serve.shutdown()
+
+
+def test_no_champion_yet_is_a_503_that_says_so(ray_cluster, tmp_path):
+    from cifar_ray.live_model import LiveModel
+
+    Registry(f"sqlite:///{tmp_path}/mlflow.db").ensure_model()
+    live = LiveModel("models:/cifar10-classifier@champion", f"sqlite:///{tmp_path}/mlflow.db")
+    assert not live.refresh() and live.current is None
+    assert "cannot look up models:/cifar10-classifier@champion" in live.error
+    assert "alias champion not found" in live.error.lower()
+
+
+def test_serve_config_defaults_to_the_champion_and_a_path_still_works(tmp_path, monkeypatch):
+    from cifar_ray.serve import serve_config_from_args
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg, uri = serve_config_from_args({"storage_path": str(tmp_path)})
+    assert cfg.checkpoint == "models:/cifar10-classifier@champion"
+    assert uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert serve_config_from_args({})[1] == "http://mlflow:5000"
+    monkeypatch.setenv("CIFAR_RAY_CHECKPOINT", str(tmp_path))  # a plain checkpoint folder: no registry
+    assert serve_config_from_args({}) == (replace(Config().serve, checkpoint=str(tmp_path)), None)
