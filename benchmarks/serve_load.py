@@ -1,6 +1,6 @@
 """Load benchmark for the Serve endpoint: throughput and latency, batching on vs off, autoscaling.
 
-    python benchmarks/serve_load.py --checkpoint runs/best [--seconds 8] [--levels 1,8,32]
+    python benchmarks/serve_load.py [--checkpoint CKPT] [--seconds 8] [--levels 1,8,32]
                                     [--sustained-seconds 60] [--kill-seconds 30]
 
 Deploys cifar_ray.serve with the deployment options of serve_config.yaml on a local Ray,
@@ -142,9 +142,9 @@ def deploy(checkpoint: str, options: dict, max_batch_size: int, app: str = "cifa
 
     from cifar_ray.serve import Classifier, serve_config_from_args
 
-    cfg = serve_config_from_args({"checkpoint": checkpoint})
+    cfg, uri = serve_config_from_args({"checkpoint": checkpoint, "storage_path": str(ROOT / "runs")})
     user_config = {**options["user_config"], "max_batch_size": max_batch_size}
-    serve.run(Classifier.options(**{**options, "user_config": user_config}).bind(asdict(cfg)),
+    serve.run(Classifier.options(**{**options, "user_config": user_config}).bind(asdict(cfg), uri),
               name=app, route_prefix="/")
 
 
@@ -157,7 +157,8 @@ def running_replicas(app: str = "cifar") -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default=str(ROOT / "runs/best"))
+    parser.add_argument("--checkpoint", default="models:/cifar10-classifier@champion",
+                        help="a checkpoint folder, or a registry URI in ./runs/mlflow.db (default: %(default)s)")
     parser.add_argument("--levels", default="1,8,32", help="client concurrency levels")
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each measured run")
     parser.add_argument("--port", type=int, default=8000)

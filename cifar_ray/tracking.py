@@ -146,6 +146,18 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     client(uri).set_terminated(run_id, status)
 
 
+def close_trial_runs(uri: str, parent_run_id: str, failed: dict[str, bool]) -> None:
+    """Set each trial's run status from Tune's verdict ({trial id: failed}). Tune stops
+    trials from outside (ASHA, and at max_t), which a trial's own run sees as an error."""
+    c = client(uri)
+    parent = c.get_run(parent_run_id)
+    for child in c.search_runs([parent.info.experiment_id],
+                               filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'"):
+        trial = child.data.tags.get(RUN_TAG)
+        if trial in failed:
+            c.set_terminated(child.info.run_id, "FAILED" if failed[trial] else "FINISHED")
+
+
 @contextlib.contextmanager
 def run_status(uri: str, run_id: str):
     """Mark the MLflow run FINISHED when the body ends, FAILED or KILLED when it raises."""

@@ -103,7 +103,9 @@ def run_trial(params: dict, base: dict, train, val, info: DataInfo, trials_dir: 
     run_id = tracking.start_run(tracking_uri, cfg, kind="trial", parent_run_id=parent_run_id)
     started = time.perf_counter()
     with tracking.run_status(tracking_uri, run_id):
-        callbacks = (TuneReportCallback(), tracking.EpochLogger(tracking_uri, run_id))
+        # MLflow first: Tune may stop the trial on TuneReportCallback's report, and the
+        # epoch it stopped on must still be logged.
+        callbacks = (tracking.EpochLogger(tracking_uri, run_id), TuneReportCallback())
         result = make_trainer(cfg, train, val, info, callbacks=callbacks).fit()
         summary = write_run_outputs(cfg, result, wall_time_s=time.perf_counter() - started)
         tracking.log_outputs(tracking_uri, run_id, summary["run_dir"])
@@ -167,6 +169,8 @@ def run(cfg: Config) -> dict:
     with tracking.run_status(uri, run_id):
         tracking.log_data_info(uri, run_id, info)
         results = tuner.fit()
+        tracking.close_trial_runs(uri, run_id, {r.metrics.get("trial_id"): r.error is not None for r in results
+                                                if r.metrics})
         best = write_experiment_outputs(cfg, experiment_dir, results, val, info)
         best["registry"] = register_run(cfg, run_id, best["best_dir"], holdout, info, experiment_dir)
         summary = {k: v for k, v in best.items() if k != "leaderboard"}

@@ -268,3 +268,22 @@ def test_serve_config_defaults_to_the_champion_and_a_path_still_works(tmp_path, 
     assert serve_config_from_args({})[1] == "http://mlflow:5000"
     monkeypatch.setenv("CIFAR_RAY_CHECKPOINT", str(tmp_path))  # a plain checkpoint folder: no registry
     assert serve_config_from_args({}) == (replace(Config().serve, checkpoint=str(tmp_path)), None)
+
+
+def test_an_unreachable_registry_at_the_end_of_training_keeps_the_work_and_says_how_to_register(tmp_path):
+    import json
+
+    from cifar_ray.data import DataInfo
+    from cifar_ray.tracking import TrackingUnavailable
+    from cifar_ray.train import register_best
+
+    cfg = Config().with_overrides({"name": "offline", "tracking_uri": "http://127.0.0.1:9"})
+    info = DataInfo(source="synthetic", num_train=1, num_val=1, mean=(0.5,) * 3, std=(0.2,) * 3)
+    checkpoint = tmp_path / "offline" / "epoch_0001"
+    summary = {"run_dir": str(tmp_path / "offline"), "best_checkpoint": str(checkpoint)}
+    with pytest.raises(TrackingUnavailable) as error:
+        register_best(cfg, "run-id", summary, None, info)
+    message = str(error.value)
+    assert f"checkpoints are kept in {tmp_path / 'offline'}" in message
+    assert f"python -m cifar_ray.registry register {checkpoint} --tracking-uri http://127.0.0.1:9" in message
+    assert json.loads((tmp_path / "offline" / "summary.json").read_text())["registry"] == {"error": message}

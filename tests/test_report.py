@@ -72,8 +72,9 @@ def test_training_writes_the_audit_into_run_folder_and_checkpoint(two_worker_run
             assert (folder / name).read_bytes()[:4] == b"\x89PNG", (folder, name)
         metrics = json.loads((folder / "metrics.json").read_text())
         card = (folder / "MODEL_CARD.md").read_text()
-        assert metrics["examples"] == 80 and metrics["data"]["source"] == "synthetic"
-        assert "`synthetic`" in card and "validation split, 80 images" in card
+        num_val = json.loads((Path(summary["best_checkpoint"]) / "metadata.json").read_text())["data"]["num_val"]
+        assert metrics["examples"] == num_val and metrics["data"]["source"] == "synthetic"
+        assert "`synthetic`" in card and f"validation split, {num_val} images" in card
         assert f"| accuracy | {metrics['accuracy']:.4f} |" in card
         assert f"| expected calibration error (15 bins) | {metrics['ece']:.4f} |" in card
         assert "Out-of-scope uses" in card and "faces or people" in card.lower()

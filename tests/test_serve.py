@@ -177,9 +177,9 @@ def test_serve_config_validates_against_ray_schema_and_names_the_app():
 def test_checkpoint_env_var_overrides_args(monkeypatch, tmp_path):
     from cifar_ray.serve import serve_config_from_args
 
-    assert serve_config_from_args({"checkpoint": "s3://b/ckpt"}).checkpoint == "s3://b/ckpt"
+    assert serve_config_from_args({"checkpoint": "s3://b/ckpt"})[0].checkpoint == "s3://b/ckpt"
     monkeypatch.setenv("CIFAR_RAY_CHECKPOINT", str(tmp_path))
-    assert serve_config_from_args({"checkpoint": "s3://b/ckpt"}).checkpoint == str(tmp_path)
+    assert serve_config_from_args({"checkpoint": "s3://b/ckpt"})[0].checkpoint == str(tmp_path)
 
 
 def test_damaged_checkpoint_keeps_healthz_unready_and_says_why(endpoint, tmp_path):
@@ -196,7 +196,7 @@ def test_damaged_checkpoint_keeps_healthz_unready_and_says_why(endpoint, tmp_pat
     shutil.copytree(checkpoint, broken)
     model_file = broken / "model.keras"
     model_file.write_bytes(model_file.read_bytes()[:1000])
-    cfg = serve_config_from_args({"checkpoint": str(broken)})
+    cfg, _ = serve_config_from_args({"checkpoint": str(broken)})
     serve.run(Classifier.options(ray_actor_options={"num_cpus": 0}).bind(asdict(cfg)),
               name="cifar-broken", route_prefix="/broken")
     try:
@@ -223,7 +223,7 @@ def test_killed_replica_under_load_loses_at_most_one_percent(endpoint, ray_clust
     from cifar_ray.serve import Classifier, serve_config_from_args
 
     url, checkpoint = endpoint
-    cfg = serve_config_from_args({"checkpoint": checkpoint})
+    cfg, _ = serve_config_from_args({"checkpoint": checkpoint})
     serve.run(Classifier.options(num_replicas=2, max_ongoing_requests=32, ray_actor_options={"num_cpus": 0})
               .bind(asdict(cfg)), name="cifar-kill", route_prefix="/kill")
     try:

@@ -90,6 +90,7 @@ def test_experiment_and_trials_are_tracked_and_the_best_goes_through_the_gate(ex
                                    filter_string=f"tags.`{tracking.KIND_TAG}` = 'tune'")
     trials = client.search_runs([parent.info.experiment_id],
                                 filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    # Tune's verdict, also for trials ASHA stopped from outside: none left RUNNING or FAILED
     assert len(trials) == 3 and all(t.info.status == "FINISHED" for t in trials)
     for trial in trials:  # every epoch a trial ran, logged at its step
         epochs = [m.step for m in client.get_metric_history(trial.info.run_id, "val_accuracy")]
