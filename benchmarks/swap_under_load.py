@@ -11,7 +11,7 @@ alias moves 1 -> 2 and later back 2 -> 1 (as `registry promote` and `registry ro
 
 Reported: failed requests (goal 0), and for each move the seconds until the first answer
 from the new version and until every answer carries it (the last old-version answer to a
-request sent after the move). Every loop is bounded in time; nothing leaves the machine.
+request sent after the move and before the next one). Every loop is bounded in time; nothing leaves the machine.
 """
 
 from __future__ import annotations
@@ -66,11 +66,12 @@ async def run_with_moves(url, body, clients, seconds, moves: list[tuple[float, s
     return await task
 
 
-def switch_times(records: list[tuple], at: float, old: str, new: str) -> tuple[float | None, float | None]:
-    """(s until the first `new` answer, s until the last `old` answer to a request sent after `at`)."""
-    after = [r for r in records if r[0] >= at]
-    first_new = min((r[1] for r in records if r[3] == new and r[1] >= at), default=None)
-    last_old = max((r[1] for r in after if r[3] == old), default=at)
+def switch_times(records: list[tuple], at: float, until: float, old: str, new: str) -> tuple:
+    """(s until the first `new` answer, s until the last `old` answer) among requests sent
+    between this move (`at`) and the next (`until`)."""
+    window = [r for r in records if at <= r[0] < until]
+    first_new = min((r[1] for r in window if r[3] == new), default=None)
+    last_old = max((r[1] for r in window if r[3] == old), default=at)
     return (first_new - at if first_new is not None else None), last_old - at
 
 
@@ -114,8 +115,8 @@ def main() -> None:
     latencies = np.array([(done - sent) * 1000 for sent, done, ok, _ in records if ok])
     print(f"\nrequests {len(records)}, failed {failed}, {len(latencies) / args.seconds:.1f} req/s, "
           f"p50 {np.percentile(latencies, 50):.1f} ms, p99 {np.percentile(latencies, 99):.1f} ms")
-    for at, old, new in ((first, "1", "2"), (second, "2", "1")):
-        first_new, all_new = switch_times(records, at, old, new)
+    for at, until, old, new in ((first, second, "1", "2"), (second, args.seconds, "2", "1")):
+        first_new, all_new = switch_times(records, at, until, old, new)
         shown = f"{first_new:.1f}" if first_new is not None else "never"
         print(f"  move {old} -> {new} at {at:g} s: first answer from {new} after {shown} s, "
               f"every answer from {new} after {all_new:.1f} s")
