@@ -275,7 +275,7 @@ def load_training_data(cfg: DataConfig, seed: int):
     if cfg.skip_bad_rows:
         ds, skipped = drop_bad_rows(ds)
         print(f"skipped {skipped} bad row(s) of {cfg.data}", file=sys.stderr, flush=True)
-    ds = ds.materialize()  # decoding happens once, here
+    ds = add_digests(ds).materialize()  # decoding and hashing happen once, here
     if ds.count() == 0:
         raise DataSourceError(f"--data {cfg.data}: no images (empty source)")
     rest, holdout = split_off_holdout(ds)
@@ -288,28 +288,39 @@ def load_training_data(cfg: DataConfig, seed: int):
     info = DataInfo(source=cfg.data, num_train=train.count(), num_val=val.count(),
                     mean=tuple(mean), std=tuple(std), skipped_rows=skipped,
                     patch_covariance=compute_patch_covariance(train, mean, std),
-                    num_holdout=holdout.count(), fingerprint=data_fingerprint(ds))
+                    num_holdout=holdout.count(), fingerprint=data_fingerprint(ds.select_columns(["digest", "label"])))
     return train, val, holdout, info
 
 
-def image_digests(images: np.ndarray) -> list[bytes]:
-    """An 8-byte hash of each image's decoded pixels: the same whatever file format held it."""
-    return [hashlib.blake2b(np.ascontiguousarray(x).tobytes(), digest_size=8).digest() for x in images]
+def image_digests(images: np.ndarray) -> np.ndarray:
+    """An 8-byte hash of each image's decoded pixels (uint64): the same whatever file format held it."""
+    digests = b"".join(hashlib.blake2b(np.ascontiguousarray(x).tobytes(), digest_size=8).digest() for x in images)
+    return np.frombuffer(digests, dtype="<u8")
 
 
-def in_holdout(images: np.ndarray) -> np.ndarray:
-    """Which images belong to the fixed evaluation set: one in HOLDOUT_BUCKETS, chosen by a
-    hash of the pixels, so the same images whatever --seed, --limit or --val-fraction say."""
-    return np.array([int.from_bytes(d, "little") % HOLDOUT_BUCKETS == 0 for d in image_digests(images)], bool)
+def _with_digest_column(batch: dict) -> dict:
+    return {**batch, "digest": image_digests(batch["image"])}
+
+
+def add_digests(ds):
+    """Lazily add each image's `digest` column, from which the holdout and fingerprint derive."""
+    return ds.map_batches(_with_digest_column, batch_format="numpy")
+
+
+def in_holdout(digests: np.ndarray) -> np.ndarray:
+    """Which images belong to the fixed evaluation set: one in HOLDOUT_BUCKETS, chosen by the
+    pixels' digest, so the same images whatever --seed, --limit or --val-fraction say."""
+    return digests % HOLDOUT_BUCKETS == 0
 
 
 def _rows_where_holdout_is(batch: dict, holdout: bool) -> dict:
-    keep = in_holdout(batch["image"]) == holdout
-    return {key: np.asarray(column)[keep] for key, column in batch.items()}
+    keep = in_holdout(batch["digest"]) == holdout
+    return {key: np.asarray(column)[keep] for key, column in batch.items() if key != "digest"}
 
 
 def split_off_holdout(ds):
-    """(the rest, the fixed evaluation set) of a decoded dataset, both materialized."""
+    """(the rest, the fixed evaluation set) of a dataset with a `digest` column (add_digests),
+    both materialized, without the column."""
     def part(holdout: bool):
         return ds.map_batches(_rows_where_holdout_is, fn_kwargs={"holdout": holdout},
                               batch_format="numpy").materialize()
@@ -317,11 +328,13 @@ def split_off_holdout(ds):
 
 
 def data_fingerprint(ds) -> str:
-    """A hash of a dataset's images and labels that ignores row order and file encoding."""
+    """A hash of a dataset's images and labels that ignores row order and file encoding;
+    reads the `digest` column where the dataset has one, instead of hashing the images."""
     rows = []
     for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
-        rows += [d + int(label).to_bytes(1, "little") for d, label in
-                 zip(image_digests(batch["image"]), batch["label"])]
+        digests = batch["digest"] if "digest" in batch else image_digests(batch["image"])
+        rows += [int(d).to_bytes(8, "little") + int(label).to_bytes(1, "little")
+                 for d, label in zip(digests, batch["label"])]
     return hashlib.sha256(b"".join(sorted(rows))).hexdigest()[:16]
 
 

@@ -448,10 +448,10 @@ def register_checkpoint(cfg: Config, checkpoint: str) -> dict:
 
 
 def holdout_of_training_source(cfg: Config):
-    from cifar_ray.data import read_source, split_off_holdout
+    from cifar_ray.data import add_digests, read_source, split_off_holdout
 
     d = cfg.data
-    ds = read_source(d.data, synthetic_size=d.synthetic_size, seed=cfg.train.seed).materialize()
+    ds = add_digests(read_source(d.data, synthetic_size=d.synthetic_size, seed=cfg.train.seed)).materialize()
     return split_off_holdout(ds)[1]
 
 
