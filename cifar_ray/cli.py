@@ -25,6 +25,12 @@ def init_ray() -> None:
         ray.init(logging_level="WARNING")
 
 
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """An error's message as one short line (its type when it has no message)."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__
+
+
 def find_user_error(error: BaseException) -> BaseException | None:
     """The user-facing cause inside an error that Ray may have wrapped several times."""
     from cifar_ray.checkpoint import CheckpointError

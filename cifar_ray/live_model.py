@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from cifar_ray.config import IMAGE_SHAPE
-from cifar_ray.tracking import first_line
+from cifar_ray.cli import first_line
 
 logger = logging.getLogger("ray.serve")
 REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -117,12 +117,10 @@ class LiveModel:
         if not self.reference:
             with local_checkpoint(location) as folder:
                 return load(folder, version)
-        import mlflow.artifacts
+        from cifar_ray.tracking import download
 
         with tempfile.TemporaryDirectory(prefix="cifar-ray-serve-") as tmp:
-            folder = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp,
-                                                         tracking_uri=self.tracking_uri)
-            return load(Path(folder), version)
+            return load(download(self.tracking_uri, location, tmp), version)
 
     def _fail(self, version: str | None, reason: str) -> None:
         serving = f"; still serving version {self.current.version}" if self.current else ""

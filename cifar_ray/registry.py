@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from cifar_ray import tracking
+from cifar_ray.cli import first_line
 from cifar_ray.config import CHAMPION, REGISTERED_MODEL, Config, RegistryConfig
 
 HISTORY_TAG = "champion_history"  # on the registered model: versions that held the alias, in order
@@ -126,15 +127,7 @@ class Registry:
                 self.name, description="CIFAR-10 classifiers from cifar-ray; the alias champion is served")
 
     def _exists(self) -> bool:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self.client.get_registered_model(self.name)
-            return True
-        except MlflowException as e:
-            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
-                return False
-            raise
+        return self._or_none(self.client.get_registered_model, self.name) is not None
 
     def versions(self) -> list:
         if not self._exists():
@@ -143,21 +136,23 @@ class Registry:
         return sorted(found, key=lambda v: int(v.version))
 
     def version(self, version: str):
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return self.client.get_model_version(self.name, str(version))
-        except MlflowException as e:
-            if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-                raise RegistryError(f"{self.name} has no version {version}") from None
-            raise
+        found = self._or_none(self.client.get_model_version, self.name, str(version))
+        if found is None:
+            raise RegistryError(f"{self.name} has no version {version}")
+        return found
 
     def champion(self):
         """The version the alias points to, or None."""
+        return self._or_none(self.client.get_model_version_by_alias, self.name, CHAMPION)
+
+    @staticmethod
+    def _or_none(lookup, *args):
+        """lookup(*args), or None where MLflow says there is no such thing (it answers
+        RESOURCE_DOES_NOT_EXIST or, for an unknown alias or version, INVALID_PARAMETER_VALUE)."""
         from mlflow.exceptions import MlflowException
 
         try:
-            return self.client.get_model_version_by_alias(self.name, CHAMPION)
+            return lookup(*args)
         except MlflowException as e:
             if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 return None
@@ -191,17 +186,14 @@ class Registry:
                 artifact_uri=version.source, tracking_uri=self.uri)}
         except Exception as e:
             raise RegistryError(f"version {version.version}: cannot list its files at {version.source} "
-                                f"({tracking.first_line(e)})") from None
+                                f"({first_line(e)})") from None
         missing = {"model.keras", "metadata.json"} - names
         if missing:
             raise RegistryError(f"version {version.version}: {', '.join(sorted(missing))} missing at {version.source}")
 
     def download(self, version, destination: str) -> Path:
         """The version's checkpoint folder, fetched into `destination`."""
-        import mlflow.artifacts
-
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=destination,
-                                                        tracking_uri=self.uri))
+        return tracking.download(self.uri, version.source, destination)
 
 
 def now() -> str:
@@ -230,12 +222,8 @@ def choose_eval_set(registry: Registry, cfg: RegistryConfig, champion, holdout=N
         ds = read_source(cfg.eval_data, split="test").materialize()
         return EvalSet(ds, data_fingerprint(ds), f"--eval-data {cfg.eval_data}")
     if champion is not None and champion.tags.get("eval_set_uri"):
-        import mlflow.artifacts
-
         with tempfile.TemporaryDirectory(prefix="cifar-ray-evalset-") as tmp:
-            folder = mlflow.artifacts.download_artifacts(artifact_uri=champion.tags["eval_set_uri"], dst_path=tmp,
-                                                         tracking_uri=registry.uri)
-            ds = read_source(folder).materialize()
+            ds = read_source(str(tracking.download(registry.uri, champion.tags["eval_set_uri"], tmp))).materialize()
         fingerprint = data_fingerprint(ds)
         if fingerprint != champion.tags.get("eval_set"):
             raise RegistryError(f"the champion's evaluation set at {champion.tags['eval_set_uri']} has changed "
@@ -353,7 +341,7 @@ def register_run(cfg: Config, run_id: str, checkpoint: str, holdout, info, run_d
         raise
     except Exception as e:
         raise tracking.TrackingUnavailable(
-            f"cannot register the model in {uri} ({tracking.first_line(e)}); the run's checkpoints are kept in "
+            f"cannot register the model in {uri} ({first_line(e)}); the run's checkpoints are kept in "
             f"{run_dir}; register the best later with: python -m cifar_ray.registry register {checkpoint} "
             f"--tracking-uri {uri}") from None
 
@@ -395,8 +383,12 @@ def promote(registry: Registry, cfg: RegistryConfig, version: str, force: bool) 
     if force:
         decision = Decision(True, "forced by registry promote --force")
     else:
-        scores, incumbent = Scores.from_tags(candidate.tags), champion and Scores.from_tags(champion.tags)
-        if scores is None or (champion is not None and (incumbent is None or scores.eval_set != incumbent.eval_set)):
+        scores = Scores.from_tags(candidate.tags)
+        incumbent = Scores.from_tags(champion.tags) if champion is not None else None
+        if scores is None:
+            raise RegistryError(f"version {version} has no scores on an evaluation set; use --force to promote "
+                                "it anyway")
+        if champion is not None and (incumbent is None or incumbent.eval_set != scores.eval_set):
             raise RegistryError(f"version {version} and champion version {champion.version} were not scored on "
                                 "the same evaluation set; use --force to promote anyway")
         decision = judge(scores, incumbent, cfg.min_improvement, cfg.max_class_drop)
@@ -502,7 +494,7 @@ def main(argv: list[str] | None = None) -> None:
         except (RegistryError, SystemExit):
             raise
         except Exception as e:
-            raise tracking.TrackingUnavailable(f"registry {registry.uri}: {tracking.first_line(e)}") from None
+            raise tracking.TrackingUnavailable(f"registry {registry.uri}: {first_line(e)}") from None
 
     run_cli(run)
 

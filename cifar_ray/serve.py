@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import threading
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
@@ -230,11 +230,10 @@ def serve_config_from_args(args: dict) -> tuple[ServeConfig, str | None]:
 
     cfg = Config().with_overrides(args)
     checkpoint = os.environ.get(CHECKPOINT_ENV) or cfg.serve.checkpoint
-    if REGISTRY_URI.match(checkpoint):
-        return ServeConfig(**{**asdict(cfg.serve), "checkpoint": checkpoint}), tracking_uri(cfg)
-    if "://" not in checkpoint:
+    from_registry = bool(REGISTRY_URI.match(checkpoint))
+    if not from_registry and "://" not in checkpoint:
         checkpoint = os.path.abspath(checkpoint)
-    return ServeConfig(**{**asdict(cfg.serve), "checkpoint": checkpoint}), None
+    return replace(cfg.serve, checkpoint=checkpoint), tracking_uri(cfg) if from_registry else None
 
 
 def app(args: dict) -> serve.Application:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ray.train import UserCallback
 
+from cifar_ray.cli import first_line
 from cifar_ray.config import Config, flatten
 
 EXPERIMENT = "cifar-ray"
@@ -142,6 +143,14 @@ def log_outputs(uri: str, run_id: str, folder: str) -> None:
         c.log_artifacts(run_id, tmp)
 
 
+def download(uri: str, artifact_uri: str, destination: str) -> Path:
+    """Fetch artifacts (a version's checkpoint, an evaluation set) from the store at `uri`."""
+    import mlflow.artifacts
+
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=destination,
+                                                    tracking_uri=uri))
+
+
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     client(uri).set_terminated(run_id, status)
 
@@ -181,11 +190,6 @@ def git_commit() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 class EpochLogger(UserCallback):

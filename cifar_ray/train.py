@@ -274,7 +274,7 @@ def fit_or_explain(trainer, cfg: Config):
     import ray.train
 
     from cifar_ray.checkpoint import checkpoint_names
-    from cifar_ray.cli import TrainingFailed, find_user_error
+    from cifar_ray.cli import TrainingFailed, find_user_error, first_line
 
     try:
         return trainer.fit()
@@ -282,7 +282,7 @@ def fit_or_explain(trainer, cfg: Config):
         if find_user_error(e) is not None:  # bad data or checkpoint: its own message says more
             raise
         causes = list(getattr(e, "worker_failures", {}).values()) or [e]
-        cause = str(causes[0]).strip().splitlines()[0][:200].rstrip(".")
+        cause = first_line(causes[0], limit=200).rstrip(".")
         run_dir = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
         kept = checkpoint_names(run_dir)
         raise TrainingFailed(

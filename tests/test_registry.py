@@ -108,6 +108,15 @@ def test_rollback_after_the_alias_was_moved_by_mlflow_itself(registry):
     assert rollback(registry) == ("3", "1") and champion(registry) == "1"
 
 
+def test_a_version_without_scores_needs_force_also_with_no_champion(registry, tmp_path):
+    registry.client.create_model_version(registry.name, source=(tmp_path / "v3").as_uri())  # version 4
+    registry.client.delete_registered_model_alias(registry.name, "champion")
+    with pytest.raises(RegistryError, match="version 4 has no scores"):
+        promote(registry, GATE, "4", force=False)
+    assert registry.champion() is None
+    assert promote(registry, GATE, "4", force=True).promote and champion(registry) == "4"
+
+
 def test_a_version_without_its_files_is_never_promoted(registry, tmp_path):
     (tmp_path / "v3" / "model.keras").unlink()
     with pytest.raises(RegistryError, match="model.keras missing"):
@@ -247,7 +256,7 @@ def test_serve_follows_the_champion_through_promote_rollback_and_a_broken_versio
         serve.shutdown()
 
 
-def test_no_champion_yet_is_a_503_that_says_so(ray_cluster, tmp_path):
+def test_no_champion_yet_is_a_503_that_says_so(tmp_path):
     from cifar_ray.live_model import LiveModel
 
     Registry(f"sqlite:///{tmp_path}/mlflow.db").ensure_model()
