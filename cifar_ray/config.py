@@ -126,7 +126,8 @@ class ServeConfig:
                          "(followed live), or a checkpoint folder or URI (env CIFAR_RAY_CHECKPOINT wins)")
     poll_interval_s: float = _f(5.0, "how often replicas look for a new champion (seconds)")
     max_batch_size: int = _f(16, "requests batched into one model call (1 disables batching)")
-    batch_wait_timeout_s: float = _f(0.005, "longest wait for a batch to fill (seconds)")
+    batch_wait_timeout_s: float = _f(0.005, "longest wait for a batch to fill while other requests are in "
+                                     "flight (seconds); a lone request never waits")
     max_body_bytes: int = _f(1_000_000, "largest request body accepted (larger: 413)")
     top_k: int = _f(3, "class probabilities returned per image, unless ?top_k= says otherwise")
 

@@ -22,11 +22,14 @@ JSON error and never takes the replica down.
 
 
 import argparse
+import asyncio
 import json
 import logging
 import os
 import threading
-from dataclasses import asdict, replace
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -35,9 +38,16 @@ from ray import serve
 
 from cifar_ray.config import IMAGE_SHAPE, ServeConfig, add_config_flags, add_field_flags, config_from_args
 from cifar_ray.live_model import REGISTRY_URI, LiveModel
+from cifar_ray.serve_metrics import ServeMetrics
 
 logger = logging.getLogger("ray.serve")
 CHECKPOINT_ENV = "CIFAR_RAY_CHECKPOINT"
+COMPUTE_THREADS = 2  # batches in flight per replica: one computing while the next one forms
+# Ray Serve's HAProxy ingress: HAProxy hands each HTTP request straight to the replica's own
+# HTTP server, where Ray's default Python proxy actor relays it, body included, through
+# actor calls. 3x the requests/s on 2 cores (benchmarks/README.md). Ray reads these when it
+# starts: set them for `ray start` or `serve run`; `python -m cifar_ray.serve` sets them.
+FAST_INGRESS_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
 IMAGE_TYPES = ("image/", "application/octet-stream")
 
 api = FastAPI(title="cifar-ray", description="CIFAR-10 image classification")
@@ -56,7 +66,7 @@ def pixels_to_batch(images: Any) -> np.ndarray:
     if len(images) > 256:
         raise HTTPException(413, "at most 256 images per request")
     try:
-        array = np.asarray(images, dtype=np.float64)
+        array = np.asarray(images, dtype=np.float32)
     except (ValueError, TypeError):
         raise HTTPException(422, "pixels must be numbers in equally sized nested lists") from None
     if array.shape[1:] != IMAGE_SHAPE:
@@ -67,11 +77,72 @@ def pixels_to_batch(images: Any) -> np.ndarray:
     return np.rint(array).astype(np.uint8)
 
 
+def parse_json_images(body: bytes) -> tuple[np.ndarray, bool]:
+    """A /predict/json body -> (uint8 batch, whether it named one "image" rather than "images")."""
+    try:
+        payload = json.loads(body, parse_constant=reject_constant)
+    except (ValueError, RecursionError) as e:
+        raise HTTPException(400, f"invalid JSON ({type(e).__name__})") from None
+    if not isinstance(payload, dict) or len(payload.keys() & {"image", "images"}) != 1:
+        raise HTTPException(422, 'expected a JSON object with "image" or "images"')
+    single = "image" in payload
+    return pixels_to_batch([payload["image"]] if single else payload["images"]), single
+
+
+def decode_upload(data: bytes) -> np.ndarray:
+    from cifar_ray.data import DataSourceError, decode_image
+
+    try:
+        return decode_image(data, resize=True)
+    except DataSourceError as e:
+        raise HTTPException(400, str(e)) from None
+
+
+@dataclass
+class Pending:
+    """One request's images on their way into a batch, and when they joined the queue."""
+
+    images: np.ndarray
+    queued_at: float
+
+
+class CountAnswers:
+    """ASGI middleware: every HTTP answer counted by endpoint and status, 422s from FastAPI's
+    own validation included. The replica puts its ServeMetrics on `app.state.metrics`."""
+
+    ENDPOINTS = {"/predict", "/predict/json", "/healthz", "/metadata"}
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        endpoint = scope["path"] if scope["path"] in self.ENDPOINTS else "other"
+
+        async def send_and_count(message):
+            if message["type"] == "http.response.start":
+                metrics = getattr(scope["app"].state, "metrics", None)
+                if metrics:
+                    metrics.answered(endpoint, message["status"])
+            await send(message)
+
+        await self.app(scope, receive, send_and_count)
+
+
+api.add_middleware(CountAnswers)
+
+
 @serve.deployment(name="Classifier")
 @serve.ingress(api)
 class Classifier:
     def __init__(self, cfg: dict, tracking_uri: str | None = None):
         self.cfg = ServeConfig(**cfg)
+        self.metrics = api.state.metrics = ServeMetrics()
+        # Decoding and model calls run on these threads, never on the replica's event loop:
+        # while one batch computes, the loop keeps reading requests and forming the next.
+        self.compute = ThreadPoolExecutor(max_workers=COMPUTE_THREADS, thread_name_prefix="compute")
+        self.batch_wait_s, self.in_flight = self.cfg.batch_wait_timeout_s, 0
         # A model that cannot be loaded keeps the replica up, saying why on /healthz: a
         # replica that raised here would be restarted forever, the reason lost in the logs.
         self.live = LiveModel(self.cfg.checkpoint, tracking_uri)
@@ -96,16 +167,36 @@ class Classifier:
         if "max_batch_size" in user_config:
             self.predict_batch.set_max_batch_size(int(user_config["max_batch_size"]))
         if "batch_wait_timeout_s" in user_config:
-            self.predict_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+            self.batch_wait_s = float(user_config["batch_wait_timeout_s"])
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def predict_batch(self, images: list[np.ndarray]) -> list[tuple]:
+    async def _classify(self, images: np.ndarray, queued_at: float) -> tuple:
+        """(probabilities, model) for `images`, through the batcher.
+
+        The batcher waits up to batch_wait_s for a batch to fill only while other requests
+        are in flight: a lone client never waits, a busy replica still batches.
+        """
+        self.predict_batch.set_batch_wait_timeout_s(self.batch_wait_s if self.in_flight else 0.0)
+        self.in_flight += 1
+        try:
+            return await self.predict_batch(Pending(images, queued_at))
+        finally:
+            self.in_flight -= 1
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0, max_concurrent_batches=COMPUTE_THREADS)
+    async def predict_batch(self, requests: list[Pending]) -> list[tuple]:
         """One model call for all images of all concurrent requests; each request gets its
         probabilities and the model that computed them (a swap may land between batches)."""
         model = self.live.current
-        counts = [len(x) for x in images]
-        probabilities = model.predict(np.concatenate(images))
-        return [(p, model) for p in np.split(probabilities, np.cumsum(counts)[:-1])]
+        started = time.perf_counter()
+        for r in requests:
+            self.metrics.observe("queue", r.queued_at)
+        images = np.concatenate([r.images for r in requests])
+        probabilities = await self._off_loop(model.predict, images)
+        self.metrics.observe("model", started)
+        self.metrics.batch_images.observe(len(images))
+        self.metrics.serving(model.version, model.metadata["model"])
+        counts = np.cumsum([len(r.images) for r in requests])[:-1]
+        return [(p, model) for p in np.split(probabilities, counts)]
 
     # --- HTTP endpoints -----------------------------------------------------------------
 
@@ -113,26 +204,31 @@ class Classifier:
     async def predict(self, request: Request, top_k: int | None = Query(None, ge=1, le=10)) -> dict:
         """Classify one image, uploaded as multipart form field `file` or as raw bytes."""
         self._require_ready()
-        image = await self._read_image(request)
-        return self._answer(*await self.predict_batch(image[None]), top_k)[0]
+        start = time.perf_counter()
+        data = await self._read_image_bytes(request)
+        start = self.metrics.observe("read", start)
+        image = await self._off_loop(decode_upload, data)
+        queued_at = self.metrics.observe("decode", start)
+        return self._answer(*await self._classify(image[None], queued_at), top_k)[0]
 
     @api.post("/predict/json")
     async def predict_json(self, request: Request, top_k: int | None = Query(None, ge=1, le=10)) -> Any:
         """Classify `{"image": HxWx3 lists}` (one answer) or `{"images": [...]}` (a list)."""
         self._require_ready()
-        payload = await self._read_json(request)
-        if not isinstance(payload, dict) or len(payload.keys() & {"image", "images"}) != 1:
-            raise HTTPException(422, 'expected a JSON object with "image" or "images"')
-        batch = payload.get("images", [payload.get("image")] if "image" in payload else None)
-        images = pixels_to_batch(batch)
-        answers = self._answer(*await self.predict_batch(images), top_k)
-        return answers[0] if "image" in payload else answers
+        start = time.perf_counter()
+        body = await self._read_body(request)
+        start = self.metrics.observe("read", start)
+        images, single = await self._off_loop(parse_json_images, body)
+        queued_at = self.metrics.observe("decode", start)
+        answers = self._answer(*await self._classify(images, queued_at), top_k)
+        return answers[0] if single else answers
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
         """200 while a model serves (with `warning` when a newer version failed to load)."""
         self._require_ready()
         model = self.live.current
+        self.metrics.serving(model.version, model.metadata["model"])
         health = {"status": "ok", "model": model.metadata["model"], "model_version": model.version,
                   "source": self.cfg.checkpoint}
         return {**health, "warning": self.live.error} if self.live.error else health
@@ -166,21 +262,14 @@ class Classifier:
             raise HTTPException(400, "empty body")
         return bytes(body)
 
-    async def _read_image(self, request: Request) -> np.ndarray:
-        from cifar_ray.data import DataSourceError, decode_image
-
+    async def _read_image_bytes(self, request: Request) -> bytes:
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
-            data = await self._read_upload(request)
-        elif content_type.startswith(IMAGE_TYPES):
-            data = await self._read_body(request)
-        else:
-            raise HTTPException(415, f"unsupported content type {content_type or '(none)'!r}; send "
-                                "multipart/form-data, image/* or use /predict/json")
-        try:
-            return decode_image(data, resize=True)
-        except DataSourceError as e:
-            raise HTTPException(400, str(e)) from None
+            return await self._read_upload(request)
+        if content_type.startswith(IMAGE_TYPES):
+            return await self._read_body(request)
+        raise HTTPException(415, f"unsupported content type {content_type or '(none)'!r}; send "
+                            "multipart/form-data, image/* or use /predict/json")
 
     async def _read_upload(self, request: Request) -> bytes:
         body = await self._read_body(request)  # enforces the size limit before parsing
@@ -198,12 +287,9 @@ class Classifier:
             raise HTTPException(400, "multipart body has no file field named 'file'")
         return await upload.read()
 
-    async def _read_json(self, request: Request) -> Any:
-        body = await self._read_body(request)
-        try:
-            return json.loads(body, parse_constant=reject_constant)
-        except (ValueError, RecursionError) as e:
-            raise HTTPException(400, f"invalid JSON ({type(e).__name__})") from None
+    async def _off_loop(self, function, *args):
+        """Run `function(*args)` on the compute threads, so the event loop stays free."""
+        return await asyncio.get_running_loop().run_in_executor(self.compute, function, *args)
 
     def _answer(self, probabilities: np.ndarray, model, top_k: int | None) -> list[dict]:
         names = model.metadata["class_names"]
@@ -216,6 +302,7 @@ class Classifier:
                 "top_k": [{"class_name": names[int(i)], "probability": float(p[i])} for i in ranked],
                 "model": model.metadata["model"], "model_version": model.version,
             })
+        self.metrics.predicted([a["class_name"] for a in answers], model.version)
         return answers
 
 
@@ -239,6 +326,9 @@ def serve_config_from_args(args: dict) -> tuple[ServeConfig, str | None]:
 def app(args: dict) -> serve.Application:
     """The application builder that `serve run serve_config.yaml` imports."""
     cfg, uri = serve_config_from_args(args)
+    if any(os.environ.get(k) != v for k, v in FAST_INGRESS_ENV.items()):
+        logger.warning("serving through Ray's Python proxy; for 3x the requests/s start Ray with "
+                       + " ".join(f"{k}={v}" for k, v in FAST_INGRESS_ENV.items()))
     return Classifier.options(user_config={"max_batch_size": cfg.max_batch_size,
                                            "batch_wait_timeout_s": cfg.batch_wait_timeout_s}
                               ).bind(asdict(cfg), uri)
@@ -253,10 +343,15 @@ def main(argv: list[str] | None = None) -> None:
     add_field_flags(parser, ("tracking_uri", "storage_path"))
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    parser.add_argument("--ingress", choices=("haproxy", "proxy"), default="haproxy",
+                        help="HTTP in front of the replicas when this starts Ray: Ray Serve's HAProxy "
+                             "ingress, or its Python proxy actor (default: %(default)s)")
     args = parser.parse_args(argv)
 
     def run() -> None:
         cfg = config_from_args(args)
+        if args.ingress == "haproxy":
+            os.environ.update(FAST_INGRESS_ENV)
         init_ray()
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(app({**asdict(cfg.serve), "tracking_uri": cfg.registry.tracking_uri,

@@ -17,11 +17,19 @@ def ray_cluster():
     """One local 2-CPU Ray for every test that needs it; its address for subprocesses."""
     import ray
 
+    from cifar_ray.serve import FAST_INGRESS_ENV
+
+    # Serve as shipped: Ray Serve's HAProxy ingress, read when Ray starts. A replica being
+    # replaced keeps its port 1 s instead of 30 (that wait is for outside load balancers).
+    os.environ.update({**FAST_INGRESS_ENV, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"})
     # With the dashboard, as on a real cluster: without its state API, Ray Train cannot
     # release a finished Tune trial's placement group, and later work waits for CPUs.
     context = ray.init(num_cpus=2, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield context.address_info["address"]
+    from ray import serve
+
+    serve.shutdown()  # stops HAProxy with it, which would otherwise outlive Ray and hold its ports
     ray.shutdown()
 
 

@@ -17,6 +17,7 @@ from conftest import encode, make_images
 from cifar_ray.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
+REQUEST_TIMEOUT_S = 4
 # the load generator of benchmarks/serve_load.py, shared by the shortened CI test below
 _spec = importlib.util.spec_from_file_location("serve_load", ROOT / "benchmarks" / "serve_load.py")
 serve_load = importlib.util.module_from_spec(_spec)
@@ -38,7 +39,7 @@ def endpoint(two_worker_run):
 
     _, summary, _ = two_worker_run
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": REQUEST_TIMEOUT_S})
     serve.run(app({"checkpoint": summary["best_checkpoint"], "max_body_bytes": 200_000}),
               name="cifar-test", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
@@ -239,3 +240,110 @@ def test_killed_replica_under_load_loses_at_most_one_percent(endpoint, ray_clust
         assert after["errors"] == 0 and after["requests"] > 0
     finally:
         serve.delete("cifar-kill")
+
+
+def test_overload_gets_a_fast_503_with_retry_after_and_the_rest_their_answer(endpoint):
+    """Past max_ongoing_requests + max_queued_requests, Serve answers 503 with Retry-After at
+    once; nothing else fails, and the replica serves normally afterwards."""
+    import asyncio
+    from dataclasses import asdict
+
+    from ray import serve
+
+    from cifar_ray.serve import Classifier, serve_config_from_args
+
+    url, checkpoint = endpoint
+    cfg, _ = serve_config_from_args({"checkpoint": checkpoint})
+    serve.run(Classifier.options(max_ongoing_requests=1, max_queued_requests=1, ray_actor_options={"num_cpus": 0},
+                                 backpressure_config={"status_code": 503, "retry_after_s": 2})
+              .bind(asdict(cfg)), name="cifar-overload", route_prefix="/overload")
+    try:
+        body = encode(make_images(1)[0][0], "JPEG")
+        result = asyncio.run(serve_load.load(f"{url}/overload/predict", body, 32, 3.0))
+        assert result["rejected"] > 0 and result["retry_after"] == ["2"], result["retry_after"]
+        assert result["errors"] == result["rejected"]  # nothing failed but the 503s
+        assert result["requests"] > result["rejected"]  # and the rest were answered
+        ok = requests.post(f"{url}/overload/predict", data=body, headers={"content-type": "image/jpeg"}, timeout=30)
+        assert ok.status_code == 200
+    finally:
+        serve.delete("cifar-overload")
+
+
+def test_a_client_that_trickles_its_body_is_cut_off_at_the_request_timeout(endpoint):
+    """A client declaring 100 kB and sending a byte every 0.2 s gets a 408 after
+    request_timeout_s, not a request held open for as long as it likes."""
+    import time
+
+    url, _ = endpoint
+    host, port = url.removeprefix("http://").split(":")
+    started = time.monotonic()
+    answer = b""
+    with socket.create_connection((host, int(port)), timeout=0.2) as s:
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                  b"Content-Length: 100000\r\n\r\n")
+        while b"\r\n" not in answer and time.monotonic() - started < REQUEST_TIMEOUT_S + 20:
+            try:
+                s.sendall(b"x")
+                answer += s.recv(1000)
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+    elapsed = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
+    assert REQUEST_TIMEOUT_S - 1 < elapsed < REQUEST_TIMEOUT_S + 10
+    assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
+
+
+def metric_lines(timeout_s: float, done) -> list[str]:
+    """This node's `ray_cifar_ray_` lines from Ray's Prometheus export, polled until
+    `done(lines)` holds or `timeout_s` passes: replicas report every few seconds."""
+    import time
+
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        lines = [line for line in text.splitlines() if line.startswith("ray_cifar_ray_")]
+        if done(lines) or time.monotonic() > deadline:
+            return lines
+        time.sleep(2)
+
+
+def metric_value(lines: list[str], *parts: str) -> float:
+    """The sum of the samples whose line contains every one of `parts`."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if all(p in line for p in parts))
+
+
+def test_prometheus_metrics_count_answers_classes_stages_batches_and_the_version(endpoint, model):
+    url, _ = endpoint
+    image = make_images(1, seed=9)[0][0]
+    expected = requests.get(f"{url}/metadata", timeout=30).json()["class_names"][int(in_process(model, image).argmax())]
+    before = metric_lines(0, lambda lines: True)
+    for _ in range(3):
+        assert requests.post(f"{url}/predict", data=encode(image, "PNG"), headers={"content-type": "image/png"},
+                             timeout=30).status_code == 200
+    assert requests.post(f"{url}/predict", data=b"x", headers={"content-type": "text/plain"}, timeout=30
+                         ).status_code == 415
+    app = 'application="cifar-test"'
+    expectations = {  # (what the line contains, how much it must have grown by at least)
+        "200s": (("ray_cifar_ray_requests_total{", app, 'endpoint="/predict"', 'status="200"'), 3),
+        "415s": (("ray_cifar_ray_requests_total{", app, 'endpoint="/predict"', 'status="415"'), 1),
+        "top-1 class": (("ray_cifar_ray_predictions_total{", app, f'class_name="{expected}"'), 3),
+        **{f"{stage} time": (("ray_cifar_ray_stage_ms_count{", app, f'stage="{stage}"'), 3)
+           for stage in ("read", "decode", "queue", "model")},
+        "batch sizes": (("ray_cifar_ray_batch_images_count{", app), 1),
+    }
+
+    def grown(lines: list[str]) -> dict:
+        return {name: metric_value(lines, *parts) - metric_value(before, *parts)
+                for name, (parts, _) in expectations.items()}
+
+    def done(lines: list[str]) -> bool:
+        return all(grown(lines)[name] >= least for name, (_, least) in expectations.items()) \
+            and metric_value(lines, "ray_cifar_ray_model_version{", app) == 1
+
+    lines = metric_lines(60, done)
+    assert done(lines), (grown(lines), [line for line in lines if "model_version{" in line])

@@ -1,0 +1,69 @@
+"""Prometheus metrics of the prediction endpoint, through `ray.serve.metrics`.
+
+Ray exports them with every other Ray metric on each node's metrics port (Prometheus
+text at http://NODE:METRICS_EXPORT_PORT/metrics), prefixed `ray_`, tagged with the
+deployment, replica and application. README.md lists the names for a dashboard.
+
+Ray Serve already exports request counts and latency at the proxy
+(`ray_serve_num_http_requests_total`, `ray_serve_http_request_latency_ms`) and the
+batcher's own figures (`ray_serve_actual_batch_size`, `ray_serve_batch_wait_time_ms`).
+These add what only the model's code knows: which endpoint answered with which status,
+what was predicted, where a request's time went, and which model version is served.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ray.serve.metrics import Counter, Gauge, Histogram
+
+STAGES = ("read", "decode", "queue", "model")
+MS_BOUNDARIES = [0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000]
+IMAGE_COUNT_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+
+class ServeMetrics:
+    """The metrics one replica records; made inside the replica, where Serve's tags are known."""
+
+    def __init__(self):
+        self.requests = Counter("cifar_ray_requests", "HTTP requests answered, by endpoint and status",
+                                tag_keys=("endpoint", "status"))
+        self.predictions = Counter("cifar_ray_predictions", "images classified, by top-1 class and model version",
+                                   tag_keys=("class_name", "model_version"))
+        self.stage_ms = Histogram("cifar_ray_stage_ms", "time a request spends in each stage: read the body, "
+                                  "decode, wait for its batch, model call", boundaries=MS_BOUNDARIES,
+                                  tag_keys=("stage",))
+        self.batch_images = Histogram("cifar_ray_batch_images", "images per model call",
+                                      boundaries=IMAGE_COUNT_BOUNDARIES)
+        self.model_version = Gauge("cifar_ray_model_version", "1 for the model version this replica serves",
+                                   tag_keys=("model_version", "model"))
+        self._served: dict | None = None
+        self._renewed = 0.0
+
+    def observe(self, stage: str, since: float) -> float:
+        """Record the time from `since` (perf_counter) to now in `stage`; returns now."""
+        now = time.perf_counter()
+        self.stage_ms.observe((now - since) * 1000, tags={"stage": stage})
+        return now
+
+    def answered(self, endpoint: str, status: int) -> None:
+        self.requests.inc(tags={"endpoint": endpoint, "status": str(status)})
+
+    def predicted(self, class_names: list[str], model_version: str) -> None:
+        for name in class_names:
+            self.predictions.inc(tags={"class_name": name, "model_version": model_version})
+
+    def serving(self, model_version: str, model: str) -> None:
+        """Mark the version now served (1) and the one it replaced (0).
+
+        Ray drops a gauge value not set again within its TTL, so this renews it, at most
+        once a second however often it is called.
+        """
+        tags = {"model_version": model_version, "model": model}
+        now = time.monotonic()
+        if tags == self._served and now - self._renewed < 1.0:
+            return
+        if self._served and tags != self._served:
+            self.model_version.set(0, tags=dict(self._served))
+        self.model_version.set(1, tags=dict(tags))  # copies: Ray adds its own tags to the dict
+        self._served, self._renewed = tags, now
