@@ -16,14 +16,14 @@ Endpoints (OpenAPI docs at /docs):
     GET  /metadata       class names, model, training metrics, data source, model card
 
 Concurrent requests share one model call through `@serve.batch`; `user_config` in
-serve_config.yaml sets the batch size and wait live (`reconfigure`). Bad input gets a 4xx
-JSON error and never takes the replica down.
+serve_config.yaml sets the batch size and wait live (`reconfigure`). Decoding and model
+calls run on compute threads, off the replica's event loop. Bad input gets a 4xx JSON error
+and never takes the replica down (serve_input.py). Prometheus metrics: serve_metrics.py.
 """
 
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import threading
@@ -36,9 +36,10 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from ray import serve
 
-from cifar_ray.config import IMAGE_SHAPE, ServeConfig, add_config_flags, add_field_flags, config_from_args
+from cifar_ray.config import ServeConfig, add_config_flags, add_field_flags, config_from_args
 from cifar_ray.live_model import REGISTRY_URI, LiveModel
-from cifar_ray.serve_metrics import ServeMetrics
+from cifar_ray.serve_input import decode_upload, parse_json_images, read_body, read_image_bytes
+from cifar_ray.serve_metrics import CountAnswers, ServeMetrics
 
 logger = logging.getLogger("ray.serve")
 CHECKPOINT_ENV = "CIFAR_RAY_CHECKPOINT"
@@ -48,54 +49,8 @@ COMPUTE_THREADS = 2  # batches in flight per replica: one computing while the ne
 # actor calls. 3x the requests/s on 2 cores (benchmarks/README.md). Ray reads these when it
 # starts: set them for `ray start` or `serve run`; `python -m cifar_ray.serve` sets them.
 FAST_INGRESS_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
-IMAGE_TYPES = ("image/", "application/octet-stream")
 
 api = FastAPI(title="cifar-ray", description="CIFAR-10 image classification")
-
-
-# Helpers stand above the deployment: serve.ingress captures the module's names
-# when the class is defined.
-def reject_constant(name: str) -> None:
-    raise ValueError(f"non-finite number {name}")
-
-
-def pixels_to_batch(images: Any) -> np.ndarray:
-    """Nested lists of 0-255 HWC pixels -> uint8 batch, or a 422 saying what is wrong."""
-    if not isinstance(images, list) or not images:
-        raise HTTPException(422, "expected a non-empty list of images")
-    if len(images) > 256:
-        raise HTTPException(413, "at most 256 images per request")
-    try:
-        array = np.asarray(images, dtype=np.float32)
-    except (ValueError, TypeError):
-        raise HTTPException(422, "pixels must be numbers in equally sized nested lists") from None
-    if array.shape[1:] != IMAGE_SHAPE:
-        raise HTTPException(422, f"each image must be {IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]}x{IMAGE_SHAPE[2]} "
-                                 f"(HWC), got {list(array.shape[1:])}")
-    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 255:
-        raise HTTPException(422, "pixels must be finite numbers from 0 to 255")
-    return np.rint(array).astype(np.uint8)
-
-
-def parse_json_images(body: bytes) -> tuple[np.ndarray, bool]:
-    """A /predict/json body -> (uint8 batch, whether it named one "image" rather than "images")."""
-    try:
-        payload = json.loads(body, parse_constant=reject_constant)
-    except (ValueError, RecursionError) as e:
-        raise HTTPException(400, f"invalid JSON ({type(e).__name__})") from None
-    if not isinstance(payload, dict) or len(payload.keys() & {"image", "images"}) != 1:
-        raise HTTPException(422, 'expected a JSON object with "image" or "images"')
-    single = "image" in payload
-    return pixels_to_batch([payload["image"]] if single else payload["images"]), single
-
-
-def decode_upload(data: bytes) -> np.ndarray:
-    from cifar_ray.data import DataSourceError, decode_image
-
-    try:
-        return decode_image(data, resize=True)
-    except DataSourceError as e:
-        raise HTTPException(400, str(e)) from None
 
 
 @dataclass
@@ -104,30 +59,6 @@ class Pending:
 
     images: np.ndarray
     queued_at: float
-
-
-class CountAnswers:
-    """ASGI middleware: every HTTP answer counted by endpoint and status, 422s from FastAPI's
-    own validation included. The replica puts its ServeMetrics on `app.state.metrics`."""
-
-    ENDPOINTS = {"/predict", "/predict/json", "/healthz", "/metadata"}
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        endpoint = scope["path"] if scope["path"] in self.ENDPOINTS else "other"
-
-        async def send_and_count(message):
-            if message["type"] == "http.response.start":
-                metrics = getattr(scope["app"].state, "metrics", None)
-                if metrics:
-                    metrics.answered(endpoint, message["status"])
-            await send(message)
-
-        await self.app(scope, receive, send_and_count)
 
 
 api.add_middleware(CountAnswers)
@@ -205,7 +136,7 @@ class Classifier:
         """Classify one image, uploaded as multipart form field `file` or as raw bytes."""
         self._require_ready()
         start = time.perf_counter()
-        data = await self._read_image_bytes(request)
+        data = await read_image_bytes(request, self.cfg.max_body_bytes)
         start = self.metrics.observe("read", start)
         image = await self._off_loop(decode_upload, data)
         queued_at = self.metrics.observe("decode", start)
@@ -216,7 +147,7 @@ class Classifier:
         """Classify `{"image": HxWx3 lists}` (one answer) or `{"images": [...]}` (a list)."""
         self._require_ready()
         start = time.perf_counter()
-        body = await self._read_body(request)
+        body = await read_body(request, self.cfg.max_body_bytes)
         start = self.metrics.observe("read", start)
         images, single = await self._off_loop(parse_json_images, body)
         queued_at = self.metrics.observe("decode", start)
@@ -248,44 +179,6 @@ class Classifier:
     def _require_ready(self) -> None:
         if self.live.current is None:
             raise HTTPException(503, self.live.error or "loading")
-
-    async def _read_body(self, request: Request) -> bytes:
-        limit = self.cfg.max_body_bytes
-        if int(request.headers.get("content-length") or 0) > limit:
-            raise HTTPException(413, f"body over the {limit}-byte limit")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise HTTPException(413, f"body over the {limit}-byte limit")
-        if not body:
-            raise HTTPException(400, "empty body")
-        return bytes(body)
-
-    async def _read_image_bytes(self, request: Request) -> bytes:
-        content_type = request.headers.get("content-type", "")
-        if content_type.startswith("multipart/form-data"):
-            return await self._read_upload(request)
-        if content_type.startswith(IMAGE_TYPES):
-            return await self._read_body(request)
-        raise HTTPException(415, f"unsupported content type {content_type or '(none)'!r}; send "
-                            "multipart/form-data, image/* or use /predict/json")
-
-    async def _read_upload(self, request: Request) -> bytes:
-        body = await self._read_body(request)  # enforces the size limit before parsing
-        from starlette.requests import Request as StarletteRequest
-
-        async def receive():
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        try:
-            form = await StarletteRequest(request.scope, receive).form()
-        except Exception as e:
-            raise HTTPException(400, f"malformed multipart body ({e})") from None
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise HTTPException(400, "multipart body has no file field named 'file'")
-        return await upload.read()
 
     async def _off_loop(self, function, *args):
         """Run `function(*args)` on the compute threads, so the event loop stays free."""

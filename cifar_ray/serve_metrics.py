@@ -67,3 +67,27 @@ class ServeMetrics:
             self.model_version.set(0, tags=dict(self._served))
         self.model_version.set(1, tags=dict(tags))  # copies: Ray adds its own tags to the dict
         self._served, self._renewed = tags, now
+
+
+class CountAnswers:
+    """ASGI middleware: every HTTP answer counted by endpoint and status, 422s from FastAPI's
+    own validation included. The replica puts its ServeMetrics on `app.state.metrics`."""
+
+    ENDPOINTS = {"/predict", "/predict/json", "/healthz", "/metadata"}
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        endpoint = scope["path"] if scope["path"] in self.ENDPOINTS else "other"
+
+        async def send_and_count(message):
+            if message["type"] == "http.response.start":
+                metrics = getattr(scope["app"].state, "metrics", None)
+                if metrics:
+                    metrics.answered(endpoint, message["status"])
+            await send(message)
+
+        await self.app(scope, receive, send_and_count)
