@@ -1,22 +1,30 @@
-"""Load benchmark for the Serve endpoint: throughput and latency, batching on vs off, autoscaling.
+"""Load benchmark for the Serve endpoint: Serve against a plain uvicorn peer and the model alone,
+batching on vs off, overload, autoscaling, a replica killed under load.
 
-    python benchmarks/serve_load.py [--checkpoint CKPT] [--seconds 8] [--levels 1,8,32]
-                                    [--sustained-seconds 60] [--kill-seconds 30]
+    python benchmarks/serve_load.py --checkpoint runs/NAME/epoch_0002 [--ingress haproxy]
+        [--seconds 8] [--levels 1,8,32] [--sustained-seconds 60] [--kill-seconds 30]
 
 Deploys cifar_ray.serve with the deployment options of serve_config.yaml on a local Ray,
 then drives it from this process over loopback (127.0.0.1 only) with a bounded asyncio
 client posting one JPEG per request:
 
-1. For each concurrency level, batching on (user_config max_batch_size from the YAML)
-   and off (max_batch_size 1), interleaved on the same deployment: on, off, on, off.
-   Only user_config changes between runs, so Serve applies it live through reconfigure.
-2. Sustained load (60 s by default) at the highest level while replica counts are
-   sampled, then idle, to show the autoscaler adding a replica and removing it again.
-3. A replica killed under load: two fixed replicas, one SIGKILLed (its PID from Ray's
+0. The model alone, in this process: one image per call (latency), and the batch size of
+   serve_config.yaml back to back (images/s): the limit any server of it can reach here.
+1. For each concurrency level, interleaved on, off, peer, on, off, peer: Serve with
+   batching (user_config from the YAML), Serve without (max_batch_size 1, switched live
+   through reconfigure), and benchmarks/plain_server.py (FastAPI + uvicorn, no Ray, no
+   batching) on the same checkpoint, images and client.
+2. Overload: 8x the top level for a few seconds; excess requests must get a fast 503 with
+   Retry-After (max_queued_requests), the rest their answer.
+3. Sustained load (60 s by default) at the top level while replica counts are sampled,
+   then idle, to show the autoscaler adding a replica and removing it again.
+4. A replica killed under load: two fixed replicas, one SIGKILLed (its PID from Ray's
    state API) a third of the way in; failed requests, when Serve had replaced it, and
    throughput per 2 s window before and after.
 
-Every loop is bounded by time and by request count; nothing leaves the machine.
+--ingress picks what Ray puts in front of the replicas (serve.py FAST_INGRESS_ENV):
+Ray Serve's HAProxy ingress (default) or its Python proxy actor. Every loop is bounded by
+time and by request count; nothing leaves the machine.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ import io
 import os
 import signal
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -51,32 +61,43 @@ def sample_jpeg() -> bytes:
     return buffer.getvalue()
 
 
-async def load(url: str, body: bytes, concurrency: int, seconds: float) -> dict:
+async def load(url: str, body: bytes, concurrency: int, seconds: float, polite: bool = False) -> dict:
     """`concurrency` clients posting back to back for `seconds`; latency percentiles in ms.
+    A `polite` client waits out the Retry-After of a 503 before its next request.
 
-    `events` lists (seconds since start, succeeded) for every request, for timelines.
+    `errors` counts failed requests, `rejected` the 503s of backpressure (with their
+    Retry-After header), neither in the latencies. `events` lists (seconds since start,
+    succeeded) for every request, for timelines.
     """
     import aiohttp
 
     latencies: list[float] = []
     events: list[tuple[float, bool]] = []
-    errors = 0
+    errors = rejected = 0
+    retry_after: set[str] = set()
     started = time.perf_counter()
     deadline = started + seconds
 
     async def client(session):
-        nonlocal errors
+        nonlocal errors, rejected
         while time.perf_counter() < deadline and len(events) < MAX_REQUESTS_PER_RUN:
             start = time.perf_counter()
+            status = 0
             try:
                 async with session.post(url, data=body, headers={"content-type": "image/jpeg"}) as r:
                     await r.read()
-                    ok = r.status == 200
+                    status = r.status
+                    if status == 503:
+                        retry_after.add(r.headers.get("retry-after", "none"))
+                        if polite:
+                            await asyncio.sleep(min(float(r.headers.get("retry-after") or 1), deadline - time.perf_counter()))
             except (aiohttp.ClientError, asyncio.TimeoutError):
-                ok = False
-            events.append((time.perf_counter() - started, ok))
-            if ok:
+                pass
+            events.append((time.perf_counter() - started, status == 200))
+            if status == 200:
                 latencies.append((time.perf_counter() - start) * 1000)
+            elif status == 503:
+                rejected += 1
             else:
                 errors += 1
 
@@ -85,8 +106,46 @@ async def load(url: str, body: bytes, concurrency: int, seconds: float) -> dict:
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
     q = np.percentile(latencies, [50, 95, 99]) if latencies else [float("nan")] * 3
-    return {"rps": len(latencies) / elapsed, "p50": q[0], "p95": q[1], "p99": q[2], "errors": errors,
-            "requests": len(events), "events": events}
+    return {"rps": len(latencies) / elapsed, "p50": q[0], "p95": q[1], "p99": q[2], "errors": errors + rejected,
+            "rejected": rejected, "retry_after": sorted(retry_after), "requests": len(events), "events": events}
+
+
+def model_alone(checkpoint: str, batch_size: int, seconds: float = 3.0) -> dict:
+    """The model in this process, as the replica calls it: ms per 1-image call (median of 200,
+    with the JPEG decode), and images/s at `batch_size` back to back for `seconds`."""
+    from cifar_ray.data import decode_image
+    from cifar_ray.live_model import load as load_model
+
+    model = load_model(Path(checkpoint), version="bench")
+    jpeg = sample_jpeg()
+    times = []
+    for _ in range(200):
+        start = time.perf_counter()
+        model.predict(decode_image(jpeg, resize=True)[None])
+        times.append((time.perf_counter() - start) * 1000)
+    batch = np.repeat(decode_image(jpeg, resize=True)[None], batch_size, axis=0)
+    images, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        model.predict(batch)
+        images += batch_size
+    return {"one_image_ms": statistics.median(times), "images_per_s": images / (time.perf_counter() - start)}
+
+
+def start_peer(checkpoint: str, port: int) -> subprocess.Popen:
+    """benchmarks/plain_server.py in its own process, once it answers /healthz (bounded)."""
+    import requests
+
+    peer = subprocess.Popen([sys.executable, str(ROOT / "benchmarks/plain_server.py"), "--checkpoint", checkpoint,
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).ok:
+                return peer
+        except requests.ConnectionError:
+            time.sleep(0.5)
+    peer.kill()
+    raise RuntimeError("the plain uvicorn peer did not start within 120 s")
 
 
 def replica_pids(app: str, address: str | None = None) -> set[int]:
@@ -155,13 +214,20 @@ def running_replicas(app: str = "cifar") -> int:
     return status.replica_states.get("RUNNING", 0)
 
 
+def print_run(level: int, server: str, r: dict) -> None:
+    print(f"{level:>7} {server:>10} {r['rps']:>8.1f} {r['p50']:>8.1f} {r['p95']:>8.1f} {r['p99']:>8.1f} "
+          f"{r['errors']:>6}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="models:/cifar10-classifier@champion",
-                        help="a checkpoint folder, or a registry URI in ./runs/mlflow.db (default: %(default)s)")
+    parser.add_argument("--checkpoint", required=True, help="a local checkpoint folder (runs/NAME/epoch_NNNN)")
+    parser.add_argument("--ingress", choices=("haproxy", "proxy"), default="haproxy",
+                        help="Ray Serve's HAProxy ingress or its Python proxy actor (default: %(default)s)")
     parser.add_argument("--levels", default="1,8,32", help="client concurrency levels")
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each measured run")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--peer-port", type=int, default=8001)
     parser.add_argument("--sustained-seconds", type=float, default=60.0, help="autoscaling phase")
     parser.add_argument("--kill-seconds", type=float, default=30.0, help="replica-kill phase")
     args = parser.parse_args()
@@ -169,34 +235,66 @@ def main() -> None:
     import ray
     from ray import serve
 
-    ray.init(logging_level="ERROR", log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    from cifar_ray.serve import FAST_INGRESS_ENV
+
+    if args.ingress == "haproxy":
+        os.environ.update(FAST_INGRESS_ENV)  # read by Ray when it starts, below
     url = f"http://127.0.0.1:{args.port}/predict"
     body = sample_jpeg()
     options = deployment_options()
     on_size = options["user_config"]["max_batch_size"]
-    # Pin one replica for the batching comparison; autoscaling is measured afterwards.
-    fixed = {**options, "autoscaling_config": None, "num_replicas": 1}
     levels = [int(x) for x in args.levels.split(",")]
-
-    print(f"checkpoint {args.checkpoint}, {len(body)}-byte JPEG, {args.seconds:g} s per run, 1 replica")
-    print(f"{'clients':>7} {'batching':>9} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6}")
-    medians = {}
-    for level in levels:
-        runs = {True: [], False: []}
-        for batching in (True, False, True, False):
-            deploy(args.checkpoint, fixed, on_size if batching else 1)
-            asyncio.run(load(url, body, level, 1.0))  # warm-up, not measured
-            result = asyncio.run(load(url, body, level, args.seconds))
-            runs[batching].append(result)
-            print(f"{level:>7} {('on' if batching else 'off'):>9} {result['rps']:>8.1f} {result['p50']:>8.1f} "
-                  f"{result['p95']:>8.1f} {result['p99']:>8.1f} {result['errors']:>6}")
-        medians[level] = {b: statistics.median(r["rps"] for r in runs[b]) for b in runs}
-    print("\nmedian req/s, batching on / off:")
-    for level, m in medians.items():
-        print(f"  {level:>3} clients: {m[True]:.1f} / {m[False]:.1f} = {m[True] / m[False]:.2f}x")
-
     top = max(levels)
+
+    alone = model_alone(args.checkpoint, on_size)
+    print(f"checkpoint {args.checkpoint}, {len(body)}-byte JPEG, {args.seconds:g} s per run, 1 replica, "
+          f"{args.ingress} ingress")
+    print(f"model alone in this process: {alone['one_image_ms']:.2f} ms per 1-image call (with decode), "
+          f"{alone['images_per_s']:.0f} images/s at batch {on_size}\n")
+
+    ray.init(logging_level="ERROR", log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    # Pin one replica for the comparison; autoscaling is measured afterwards.
+    fixed = {**options, "autoscaling_config": None, "num_replicas": 1}
+    peer = start_peer(args.checkpoint, args.peer_port)
+    peer_url = f"http://127.0.0.1:{args.peer_port}/predict"
+    print(f"{'clients':>7} {'server':>10} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6}")
+    runs: dict[tuple[int, str], list[dict]] = {}
+    try:
+        for level in levels:
+            for server in ("serve on", "serve off", "uvicorn") * 2:
+                if server != "uvicorn":
+                    deploy(args.checkpoint, fixed, on_size if server == "serve on" else 1)
+                target = peer_url if server == "uvicorn" else url
+                asyncio.run(load(target, body, level, 1.0))  # warm-up, not measured
+                result = asyncio.run(load(target, body, level, args.seconds))
+                runs.setdefault((level, server), []).append(result)
+                print_run(level, server, result)
+    finally:
+        peer.kill()
+    median = {key: {m: statistics.median(r[m] for r in rs) for m in ("rps", "p50", "p99")}
+              for key, rs in runs.items()}
+    print("\nmedians of the two runs; Serve is batching on")
+    for level in levels:
+        on, off, plain = (median[(level, s)] for s in ("serve on", "serve off", "uvicorn"))
+        print(f"  {level:>3} clients: Serve {on['rps']:.0f} req/s (p50 {on['p50']:.1f} ms, p99 {on['p99']:.1f} ms), "
+              f"uvicorn {plain['rps']:.0f}: Serve / uvicorn {on['rps'] / plain['rps']:.2f}x, "
+              f"batching on / off {on['rps'] / off['rps']:.2f}x, "
+              f"{on['rps'] / alone['images_per_s']:.0%} of the model alone")
+    lone = median[(min(levels), "serve on")]
+    print(f"  {min(levels)} client(s): Serve p50 {lone['p50']:.1f} ms = model alone {alone['one_image_ms']:.1f} ms "
+          f"+ {lone['p50'] - alone['one_image_ms']:.1f} ms")
+    failed = sum(r["errors"] for rs in runs.values() for r in rs)
+    print(f"  failed requests in all runs above: {failed}")
+
+    deploy(args.checkpoint, fixed, on_size)
+    overload = asyncio.run(load(url, body, 8 * top, 5.0, polite=True))
+    print(f"\noverload: {8 * top} clients that honour Retry-After, for 5 s on 1 replica (max_ongoing_requests "
+          f"{options['max_ongoing_requests']}, max_queued_requests {options.get('max_queued_requests', -1)})")
+    print(f"  {overload['requests']} requests: {overload['requests'] - overload['errors']} answered "
+          f"(p50 {overload['p50']:.1f} ms, p99 {overload['p99']:.1f} ms), {overload['rejected']} got 503 with "
+          f"Retry-After {overload['retry_after']}, {overload['errors'] - overload['rejected']} failed otherwise")
+
     deploy(args.checkpoint, options, on_size)  # serve_config.yaml's autoscaling
     print(f"\nautoscaling ({options['autoscaling_config']}):")
     timeline = []
