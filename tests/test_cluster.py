@@ -110,6 +110,14 @@ def test_rayservice_serves_the_same_application_as_serve_config():
             in container["env"]
     assert cluster["proxy_location"] == local["proxy_location"]
     assert cluster["http_options"]["host"] == "0.0.0.0" and local["http_options"]["host"] == "127.0.0.1"
+    assert cluster["http_options"]["request_timeout_s"] == local["http_options"]["request_timeout_s"]
+
+
+def test_the_cluster_image_turns_on_the_haproxy_ingress():
+    from cifar_ray.serve import FAST_INGRESS_ENV
+
+    env_lines = [line for line in (ROOT / "cluster/Dockerfile").read_text().splitlines() if line.startswith("ENV ")]
+    assert all(f"{k}={v}" in " ".join(env_lines) for k, v in FAST_INGRESS_ENV.items())
 
 
 def test_rayjobs_run_the_real_entrypoints_on_the_raycluster():
