@@ -259,7 +259,7 @@ def test_overload_gets_a_fast_503_with_retry_after_and_the_rest_their_answer(end
               .bind(asdict(cfg)), name="cifar-overload", route_prefix="/overload")
     try:
         body = encode(make_images(1)[0][0], "JPEG")
-        result = asyncio.run(serve_load.load(f"{url}/overload/predict", body, 32, 3.0))
+        result = asyncio.run(serve_load.load(f"{url}/overload/predict", body, 32, 1.5))
         assert result["rejected"] > 0 and result["retry_after"] == ["2"], result["retry_after"]
         assert result["errors"] == result["rejected"]  # nothing failed but the 503s
         assert result["requests"] > result["rejected"]  # and the rest were answered
