@@ -2,7 +2,7 @@
 
     python benchmarks/epoch_timeline.py [--model fast_resnet] [--images 8192] [--epochs 5]
 
-Runs the product's train loop (`train.train_loop_per_worker`: strategy, model, input path,
+Runs the product's train loop (`train_loop.train_loop_per_worker`: strategy, model, input path,
 checkpoint per epoch) in one Ray Train worker on synthetic data, and prints per epoch: the
 training steps' total, median and slowest step; the gap between the last training step
 and the start of validation (Keras waiting for the training iterator to end); and the
@@ -20,7 +20,7 @@ def timeline_loop(loop_config: dict) -> None:
     """The product's train loop (strategy, model, input, reporting) plus a per-step timer."""
     import keras
 
-    from cifar_ray.train import train_loop_per_worker
+    from cifar_ray.train_loop import train_loop_per_worker
 
     class Timeline(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):

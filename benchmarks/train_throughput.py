@@ -59,7 +59,7 @@ def plain_keras(cfg, train: dict, val: dict) -> dict:
 
     from cifar_ray.compat import without_autotuning
     from cifar_ray.data import DataInfo
-    from cifar_ray.train import precision_policy, restore_or_build_model
+    from cifar_ray.train_loop import precision_policy, restore_or_build_model
 
     keras.mixed_precision.set_global_policy(precision_policy(cfg.train.mixed_precision, cfg.scaling.use_gpu))
     info = DataInfo("synthetic", len(train["label"]), len(val["label"]), (0.5,) * 3, (0.25,) * 3)
@@ -68,7 +68,7 @@ def plain_keras(cfg, train: dict, val: dict) -> dict:
     def dataset(d, training):
         ds = tf.data.Dataset.from_tensor_slices((d["image"], tf.one_hot(d["label"], 10)))
         ds = ds.shuffle(4 * cfg.train.batch_size) if training else ds
-        # As in train.make_tf_dataset, so neither side stalls at epoch boundaries.
+        # As in train_loop.make_tf_dataset, so neither side stalls at epoch boundaries.
         return without_autotuning(ds.batch(cfg.train.batch_size, drop_remainder=training).prefetch(2))
 
     epoch_times = []
@@ -150,7 +150,7 @@ def main() -> None:
 
     import keras
 
-    from cifar_ray.train import precision_policy
+    from cifar_ray.train_loop import precision_policy
 
     compute_dtype = keras.mixed_precision.Policy(
         precision_policy(cfg.train.mixed_precision, cfg.scaling.use_gpu)).compute_dtype

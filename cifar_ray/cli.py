@@ -1,12 +1,56 @@
-"""What every `python -m cifar_ray.<stage>` shares: Ray start-up and one-line errors."""
+"""The command lines: `cifar-ray <stage>` (and `python -m cifar_ray.<stage>`), their flags,
+quiet start-up, Ray start-up and one-line errors.
+
+Every stage's flags are declared here, on top of config.py alone, so `--help` and a
+mistyped flag answer at once: TensorFlow, Keras and Ray load only once a stage runs.
+"""
 
 from __future__ import annotations
 
+import argparse
+import ast
+import contextlib
+import importlib
+import importlib.abc
+import importlib.util
+import logging
 import os
 import sys
+import warnings
 from typing import Callable
 
+from cifar_ray.config import add_config_flags, add_field_flags
+
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError)
+
+STAGES = {
+    "train": "train a model on a Ray cluster (Ray Train, data-parallel Keras)",
+    "tune": "compare models and settings with Ray Tune; the best becomes a registry version",
+    "evaluate": "score a checkpoint on labelled images: accuracy per class, figures, model card",
+    "predict": "batch predictions for a folder of images, written as Parquet",
+    "serve": "serve the champion model (or a checkpoint) over HTTP with Ray Serve",
+    "registry": "the registered model's versions: list, show, promote, rollback, register",
+}
+
+EXAMPLES = """examples:
+  cifar-ray train                                   # Keras CIFAR-10 on a local Ray
+  cifar-ray train --data ../shared/data/cifar10/train --model fast_resnet
+  cifar-ray tune --num-samples 8
+  cifar-ray evaluate --checkpoint <run>/epoch_0010 --data <parquet folder> --out report/
+  cifar-ray serve                                   # the registry's champion on :8000
+  cifar-ray registry list
+
+`cifar-ray <stage> --help` lists a stage's flags. `python -m cifar_ray.<stage>` is the same."""
+
+# TensorFlow's C++ log lines after start-up (cpu_feature_guard, coordination service):
+# dozens per run, in the driver and every Ray worker. Read when TF is imported.
+QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "GRPC_VERBOSITY": "ERROR", "MLFLOW_LOGGING_LEVEL": "WARNING"}
+QUIET_LOGGERS = {
+    "ray.data._internal.execution.streaming_executor": "WARNING",  # each dataset's plan
+    "ray.data._internal.progress": "ERROR",  # hints about progress bars...
+    "ray.data._internal.progress.logging_progress": "INFO",  # ...but not the progress itself
+}
+QUIET_FLAG = "CIFAR_RAY_QUIET"  # set by parse_args unless --verbose
 
 
 class TrainingFailed(RuntimeError):
@@ -17,12 +61,194 @@ class TrainingFailed(RuntimeError):
     """
 
 
+# ---------------------------------------------------------------------------------------
+# Flags
+# ---------------------------------------------------------------------------------------
+
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    add_config_flags(parser, ("data", "model", "train", "scaling", "run", "registry"))
+
+
+def add_tune_flags(parser: argparse.ArgumentParser) -> None:
+    add_config_flags(parser, ("tune", "data", "model", "train", "scaling", "run", "registry"))
+
+
+def add_inference_flags(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint, --data and --num-actors, shared by evaluate and predict."""
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder or URI")
+    parser.add_argument("--data", required=True,
+                        help="'cifar10' (its test split), 'synthetic', a Parquet folder/URI or an image folder")
+    parser.add_argument("--num-actors", type=int, default=1, help="model replicas predicting in parallel")
+
+
+def add_evaluate_flags(parser: argparse.ArgumentParser) -> None:
+    add_inference_flags(parser)
+    parser.add_argument("--out", help="write the metrics, figures and MODEL_CARD.md into this folder or URI")
+    parser.add_argument("--tta", action="store_true", help="average each image's and its mirror's predictions")
+
+
+def add_predict_flags(parser: argparse.ArgumentParser) -> None:
+    add_inference_flags(parser)
+    parser.add_argument("--out", required=True, help="folder or URI for the Parquet predictions")
+
+
+def add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    add_config_flags(parser, ("serve",))
+    add_field_flags(parser, ("tracking_uri", "storage_path"))
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    parser.add_argument("--ingress", choices=("haproxy", "proxy"), default="haproxy",
+                        help="HTTP in front of the replicas when this starts Ray: Ray Serve's HAProxy "
+                             "ingress, or its Python proxy actor (default: %(default)s)")
+
+
+def add_registry_flags(parser: argparse.ArgumentParser) -> None:
+    store = argparse.ArgumentParser(add_help=False)
+    add_field_flags(store, ("tracking_uri", "storage_path"))
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", parents=[store], help="all versions, the champion marked *")
+    commands.add_parser("show", parents=[store], help="one version: source, scores, gate decision, tags") \
+        .add_argument("version")
+    p = commands.add_parser("promote", parents=[store], help="make a version champion if the gate allows it")
+    p.add_argument("version")
+    p.add_argument("--force", action="store_true", help="promote whatever the gate says")
+    add_field_flags(p, ("min_improvement", "max_class_drop"))
+    commands.add_parser("rollback", parents=[store], help="champion back to the previous champion")
+    p = commands.add_parser("register", parents=[store], help="a checkpoint folder or URI as a new version, "
+                                                               "through the gate")
+    p.add_argument("checkpoint")
+    add_field_flags(p, ("eval_data", "promote", "min_improvement", "max_class_drop"))
+
+
+FLAGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
+    "train": add_train_flags, "tune": add_tune_flags, "evaluate": add_evaluate_flags,
+    "predict": add_predict_flags, "serve": add_serve_flags, "registry": add_registry_flags,
+}
+
+
+def stage_help(stage: str) -> str:
+    """The stage module's docstring, read from its source without importing it."""
+    source = importlib.util.find_spec(f"cifar_ray.{stage}").origin
+    with open(source, encoding="utf-8") as f:
+        return ast.get_docstring(ast.parse(f.read())) or STAGES[stage]
+
+
+def build_parser(stage: str, prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog or f"python -m cifar_ray.{stage}", description=stage_help(stage),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    FLAGS[stage](parser)
+    parser.add_argument("--verbose", action="store_true",
+                        help="show TensorFlow's start-up and Ray's progress logs")
+    return parser
+
+
+def parse_args(stage: str, argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    """The stage's flags; unless --verbose, the start-up logs are quieted before anything
+    imports TensorFlow or starts Ray."""
+    args = build_parser(stage, prog).parse_args(argv)
+    if not args.verbose:
+        os.environ[QUIET_FLAG] = "1"
+        quiet_start_up()
+    return args
+
+
+# ---------------------------------------------------------------------------------------
+# Quiet start-up
+# ---------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """File descriptor 2 to /dev/null: what C++ libraries write there, Python cannot catch."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+class QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """Imports `tensorflow`, whoever asks for it first, with native stderr silenced.
+
+    Its C++ libraries log as they load (oneDNN, cudart_stub, "All log messages before
+    absl::InitializeLog()"), before TF_CPP_MIN_LOG_LEVEL is read. Errors still raise.
+    """
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            exec_module = spec.loader.exec_module
+
+            def exec_quietly(module):
+                with native_stderr_silenced():
+                    exec_module(module)
+
+            spec.loader.exec_module = exec_quietly
+        return spec
+
+
+def quiet_start_up() -> None:
+    """This process without TensorFlow's start-up lines, Ray Data's execution plans and
+    MLflow's schema messages. Ray runs it at the start of every worker process too (init_ray's
+    `worker_process_setup_hook`). Ray Data's progress (bars, or lines when stdout is not a
+    terminal) stays."""
+    for name, value in QUIET_ENV.items():
+        os.environ.setdefault(name, value)
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+    # Ray Train logs every report, whole metrics dict and all, to a logger named by its file.
+    ray_root = importlib.util.find_spec("ray").submodule_search_locations[0]
+    reports = os.path.join(ray_root, "train", "v2", "_internal", "execution", "context.py")
+    logging.getLogger(reports).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # Ray's and TF's own, not a user's
+    if "tensorflow" not in sys.modules and not any(isinstance(f, QuietTensorFlowImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, QuietTensorFlowImport())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`cifar-ray <stage> ...`: parse the stage's flags here, then import and run the stage."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in STAGES:
+        parser = argparse.ArgumentParser(
+            prog="cifar-ray", description="Train, tune, evaluate and serve CIFAR-10 Keras models on Ray.",
+            epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        stages = parser.add_subparsers(dest="stage", required=True, metavar="<stage>")
+        for name, summary in STAGES.items():
+            stages.add_parser(name, help=summary, add_help=False)
+        parser.parse_args(argv)  # exits: help, or a usage error naming the stages
+        return
+    stage, rest = argv[0], argv[1:]
+    prog = f"cifar-ray {stage}"
+    parse_args(stage, rest, prog)  # --help and bad flags answer before the stage is imported
+    importlib.import_module(f"cifar_ray.{stage}").main(rest, prog=prog)
+
+
+def is_quiet() -> bool:
+    """Whether this stage runs without --verbose (Ray Train then logs only warnings)."""
+    return bool(os.environ.get(QUIET_FLAG))
+
+
+# ---------------------------------------------------------------------------------------
+# Running a stage
+# ---------------------------------------------------------------------------------------
+
 def init_ray() -> None:
-    """Join the cluster this runs on (a job, RAY_ADDRESS, `ray start`), or start a local one."""
+    """Join the cluster this runs on (a job, RAY_ADDRESS, `ray start`), or start a local one.
+
+    Unless --verbose, its worker processes start as quietly as the driver.
+    """
     import ray
 
     if not ray.is_initialized():
-        ray.init(logging_level="WARNING")
+        quiet = {"worker_process_setup_hook": "cifar_ray.cli.quiet_start_up"}
+        ray.init(logging_level="WARNING", runtime_env=quiet if is_quiet() else None)
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:

@@ -77,7 +77,10 @@ def read_source(spec: str, *, split: str = "train", synthetic_size: int = 2000, 
 
 
 def check_source(spec: str) -> None:
-    """Reject a local --data path that does not exist, before any Ray work starts."""
+    """Reject a local --data path that does not exist, and fetch the Keras CIFAR-10 archive
+    (or find it cached), before any Ray work starts: an offline machine fails in seconds."""
+    if spec == "cifar10":
+        load_keras_cifar10()
     if spec not in ("cifar10", "synthetic") and "://" not in spec and not os.path.exists(spec):
         raise DataSourceError(
             f"--data {spec}: no such file or folder (expected 'cifar10', 'synthetic', "
@@ -114,18 +117,25 @@ def _read_image_folder(root: str):
     return ds.map_batches(label_from_folder, batch_format="numpy")
 
 
-def _read_keras_cifar10(split: str):
+def load_keras_cifar10():
+    """((x_train, y_train), (x_test, y_test)), downloaded by Keras on first use."""
     import keras
+
+    try:
+        return keras.datasets.cifar10.load_data()
+    except Exception as e:  # network errors come in many types
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DataSourceError(
+            f"--data cifar10: could not download the Keras CIFAR-10 archive ({type(e).__name__}: {cause}); "
+            "check the network or proxy, or pass --data PATH to a Parquet folder or image folder") from None
+
+
+def _read_keras_cifar10(split: str):
     import pyarrow as pa
     import ray.data
     from ray.data.extensions import ArrowTensorArray
 
-    try:
-        (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
-    except Exception as e:  # network errors come in many types
-        raise DataSourceError(
-            f"--data cifar10: could not download the Keras CIFAR-10 archive ({type(e).__name__}); "
-            "pass --data PATH to a Parquet folder or image folder instead") from None
+    (x_train, y_train), (x_test, y_test) = load_keras_cifar10()
     x, y = (x_train, y_train) if split == "train" else (x_test, y_test)
     table = pa.table({"image": ArrowTensorArray.from_numpy(x), "label": y.reshape(-1).astype("int64")})
     return ray.data.from_arrow(table).repartition(8)

@@ -11,7 +11,6 @@ errors.png and MODEL_CARD.md.
 
 from __future__ import annotations
 
-import argparse
 import heapq
 import itertools
 import json
@@ -45,8 +44,11 @@ class Predictor:
 
 def predict_dataset(ds, checkpoint: str, num_actors: int = 1, batch_size: int = 512, tta: bool = False):
     """Lazily add a `probabilities` column to a dataset of images and labels."""
+    import ray.data
+
     return ds.map_batches(Predictor, fn_constructor_kwargs={"checkpoint": checkpoint, "tta": tta},
-                          concurrency=num_actors, batch_size=batch_size, batch_format="numpy")
+                          compute=ray.data.ActorPoolStrategy(size=num_actors), batch_size=batch_size,
+                          batch_format="numpy")
 
 
 def collect_predictions(ds, errors_kept: int = ERRORS_SHOWN):
@@ -117,14 +119,6 @@ def open_source_for(checkpoint: str, data: str):
     return read_source(data, split="test")
 
 
-def add_inference_flags(parser: argparse.ArgumentParser) -> None:
-    """--checkpoint, --data and --num-actors, shared by evaluate and predict."""
-    parser.add_argument("--checkpoint", required=True, help="checkpoint folder or URI")
-    parser.add_argument("--data", required=True,
-                        help="'cifar10' (its test split), 'synthetic', a Parquet folder/URI or an image folder")
-    parser.add_argument("--num-actors", type=int, default=1, help="model replicas predicting in parallel")
-
-
 def evaluate(checkpoint: str, data: str, out: str | None = None, num_actors: int = 1,
              tta: bool = False) -> dict:
     ds = open_source_for(checkpoint, data)
@@ -140,15 +134,10 @@ def summary_line(metrics: dict) -> dict:
     return {k: metrics[k] for k in keys}
 
 
-def main(argv: list[str] | None = None) -> None:
-    from cifar_ray.cli import run_cli
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    from cifar_ray.cli import parse_args, run_cli
 
-    parser = argparse.ArgumentParser(prog="python -m cifar_ray.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_inference_flags(parser)
-    parser.add_argument("--out", help="write the metrics, figures and MODEL_CARD.md into this folder or URI")
-    parser.add_argument("--tta", action="store_true", help="average each image's and its mirror's predictions")
-    args = parser.parse_args(argv)
+    args = parse_args("evaluate", argv, prog)
     run_cli(lambda: print(json.dumps(summary_line(evaluate(args.checkpoint, args.data, args.out,
                                                              args.num_actors, args.tta)), indent=2)))
 

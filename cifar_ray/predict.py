@@ -9,7 +9,6 @@ name, its confidence, and all class probabilities.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -39,15 +38,10 @@ def predict(checkpoint: str, data: str, out: str, num_actors: int = 1) -> int:
     return predictions.count()
 
 
-def main(argv: list[str] | None = None) -> None:
-    from cifar_ray.cli import run_cli
-    from cifar_ray.evaluate import add_inference_flags
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    from cifar_ray.cli import parse_args, run_cli
 
-    parser = argparse.ArgumentParser(prog="python -m cifar_ray.predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_inference_flags(parser)
-    parser.add_argument("--out", required=True, help="folder or URI for the Parquet predictions")
-    args = parser.parse_args(argv)
+    args = parse_args("predict", argv, prog)
     run_cli(lambda: print(f"wrote {predict(args.checkpoint, args.data, args.out, args.num_actors)} "
                           f"predictions to {args.out}"))
 

@@ -23,7 +23,6 @@ version's tags.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from dataclasses import dataclass
@@ -447,32 +446,14 @@ def holdout_of_training_source(cfg: Config):
     return split_off_holdout(ds)[1]
 
 
-def main(argv: list[str] | None = None) -> None:
-    from cifar_ray.cli import run_cli
-    from cifar_ray.config import add_field_flags
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    from cifar_ray.cli import parse_args, run_cli
 
-    store = argparse.ArgumentParser(add_help=False)
-    add_field_flags(store, ("tracking_uri", "storage_path"))
-    parser = argparse.ArgumentParser(prog="python -m cifar_ray.registry", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("list", parents=[store], help="all versions, the champion marked *")
-    commands.add_parser("show", parents=[store], help="one version: source, scores, gate decision, tags") \
-        .add_argument("version")
-    p = commands.add_parser("promote", parents=[store], help="make a version champion if the gate allows it")
-    p.add_argument("version")
-    p.add_argument("--force", action="store_true", help="promote whatever the gate says")
-    add_field_flags(p, ("min_improvement", "max_class_drop"))
-    commands.add_parser("rollback", parents=[store], help="champion back to the previous champion")
-    p = commands.add_parser("register", parents=[store], help="a checkpoint folder or URI as a new version, "
-                                                               "through the gate")
-    p.add_argument("checkpoint")
-    add_field_flags(p, ("eval_data", "promote", "min_improvement", "max_class_drop"))
-    args = parser.parse_args(argv)
+    args = parse_args("registry", argv, prog)
 
     def run() -> None:
         cfg = Config().with_overrides({k: v for k, v in vars(args).items()
-                                       if v is not None and k not in ("command", "version", "force", "checkpoint")})
+                                       if v is not None and k not in ("command", "version", "force", "checkpoint", "verbose")})
         if args.command == "register":
             register_checkpoint(cfg, args.checkpoint)
             return

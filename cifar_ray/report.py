@@ -1,4 +1,5 @@
-"""The audit every exported model carries: metrics, figures and a model card.
+"""The audit every exported model carries: metrics, figures and a model card; and a
+training run's own history.csv and curves.png.
 
 `compute_metrics` is a pure function of labels and predicted probabilities; the figure
 functions return PNG bytes; `model_card` writes Markdown in the spirit of Mitchell et al.,
@@ -7,6 +8,7 @@ functions return PNG bytes; `model_card` writes Markdown in the spirit of Mitche
 
 from __future__ import annotations
 
+import csv
 import io
 
 import numpy as np
@@ -231,6 +233,32 @@ distributed training and serving. Probabilities are calibrated only as far as th
   only the mean.
 - The evaluation data shares the training data's distribution; accuracy on other photos is lower.
 """
+
+
+def history_csv(history: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    return out.getvalue()
+
+
+def plot_curves(history: list[dict], title: str) -> bytes:
+    """The notebook's two plots, accuracy and loss, train vs validation, as PNG bytes."""
+    import matplotlib.ticker
+
+    plt = _pyplot()
+    epochs = [m["epoch"] for m in history]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key in zip(axes, ("accuracy", "loss")):
+        ax.plot(epochs, [m[key] for m in history], "o-", label="train")
+        ax.plot(epochs, [m[f"val_{key}"] for m in history], "o-", label="validation")
+        ax.set(xlabel="epoch", ylabel=key, title=key)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    return _png(fig)
 
 
 def checkpoint_id(checkpoint: str) -> str:

@@ -22,7 +22,6 @@ and never takes the replica down (serve_input.py). Prometheus metrics: serve_met
 """
 
 
-import argparse
 import asyncio
 import logging
 import os
@@ -36,7 +35,7 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from ray import serve
 
-from cifar_ray.config import ServeConfig, add_config_flags, add_field_flags, config_from_args
+from cifar_ray.config import ServeConfig, config_from_args
 from cifar_ray.live_model import REGISTRY_URI, LiveModel
 from cifar_ray.serve_input import decode_upload, parse_json_images, read_body, read_image_bytes
 from cifar_ray.serve_metrics import CountAnswers, ServeMetrics
@@ -227,19 +226,10 @@ def app(args: dict) -> serve.Application:
                               ).bind(asdict(cfg), uri)
 
 
-def main(argv: list[str] | None = None) -> None:
-    from cifar_ray.cli import init_ray, run_cli
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    from cifar_ray.cli import init_ray, parse_args, run_cli
 
-    parser = argparse.ArgumentParser(prog="python -m cifar_ray.serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_flags(parser, ("serve",))
-    add_field_flags(parser, ("tracking_uri", "storage_path"))
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
-    parser.add_argument("--ingress", choices=("haproxy", "proxy"), default="haproxy",
-                        help="HTTP in front of the replicas when this starts Ray: Ray Serve's HAProxy "
-                             "ingress, or its Python proxy actor (default: %(default)s)")
-    args = parser.parse_args(argv)
+    args = parse_args("serve", argv, prog)
 
     def run() -> None:
         cfg = config_from_args(args)

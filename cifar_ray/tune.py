@@ -25,7 +25,6 @@ goes through the registry's promotion gate, as a train run's best checkpoint doe
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from cifar_ray.config import Config, add_config_flags, choices_of, config_from_args, with_global_batch
+from cifar_ray.config import Config, choices_of, config_from_args, with_global_batch
 from cifar_ray.data import DataInfo
 from cifar_ray.models import MODELS
 from cifar_ray.registry import register_run
@@ -283,14 +282,11 @@ def plot_comparison(rows: list[dict], title: str) -> bytes:
     return buffer.getvalue()
 
 
-def main(argv: list[str] | None = None) -> None:
-    from cifar_ray.cli import init_ray, run_cli
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    from cifar_ray.cli import init_ray, parse_args, run_cli
     from cifar_ray.data import check_source
 
-    parser = argparse.ArgumentParser(prog="python -m cifar_ray.tune", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_flags(parser, ("tune", "data", "model", "train", "scaling", "run", "registry"))
-    args = parser.parse_args(argv)
+    args = parse_args("tune", argv, prog)
 
     def tune() -> None:
         cfg = config_from_args(args)

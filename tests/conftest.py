@@ -81,7 +81,7 @@ def subprocess_env(ray_cluster) -> dict:
 
 def saving_weights_loop(weights_dir: str):
     """The real per-worker loop, then each worker saves the weights it ended with."""
-    from cifar_ray.train import train_loop_per_worker
+    from cifar_ray.train_loop import train_loop_per_worker
 
     def loop(loop_config):
         import ray.train

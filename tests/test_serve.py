@@ -80,7 +80,9 @@ def test_png_upload_raw_jpeg_and_json_match_the_model_in_process(endpoint, model
         expected = in_process(model, pixels)
         assert answer["class_index"] == int(expected.argmax()), name
         got = {t["class_name"]: t["probability"] for t in answer["top_k"]}
-        np.testing.assert_allclose([got[c] for c in class_names], expected, atol=1e-5, err_msg=name)
+        # The replica's compiled call runs with its own threads and batch, and oneDNN may pick
+        # other kernels for them: the same weights, different float round-off.
+        np.testing.assert_allclose([got[c] for c in class_names], expected, atol=2e-4, err_msg=name)
 
 
 def test_json_batch_gets_one_answer_per_image(endpoint, model):

@@ -110,7 +110,7 @@ def test_reserving_every_cpu_for_workers_is_refused():
 
 def test_gpu_path_settings_reach_the_workers(two_worker_run):
     """Per-worker batch and the precision policy, as the workers used them."""
-    from cifar_ray.train import precision_policy
+    from cifar_ray.train_loop import precision_policy
 
     _, summary, _ = two_worker_run  # 2 workers x --per-worker-batch-size 32
     recorded = read_metadata(Path(summary["best_checkpoint"]))["config"]["train"]
@@ -128,10 +128,10 @@ def test_gpu_path_settings_reach_the_workers(two_worker_run):
     (True, False, False, "float32"),
 ])
 def test_precision_policy(monkeypatch, mixed, gpu, native_bf16, expected):
-    import cifar_ray.train
+    import cifar_ray.train_loop
 
-    monkeypatch.setattr(cifar_ray.train, "cpu_has_native_bf16", lambda: native_bf16)
-    assert cifar_ray.train.precision_policy(mixed, gpu) == expected
+    monkeypatch.setattr(cifar_ray.train_loop, "cpu_has_native_bf16", lambda: native_bf16)
+    assert cifar_ray.train_loop.precision_policy(mixed, gpu) == expected
 
 
 def test_global_batch_and_linear_lr_scaling():
@@ -152,7 +152,7 @@ def test_global_batch_and_linear_lr_scaling():
 def test_worker_input_is_one_hot_global_batches_without_tf_data_autotuning(ray_cluster):
     import ray
 
-    from cifar_ray.train import make_tf_dataset
+    from cifar_ray.train_loop import make_tf_dataset
 
     images, labels = make_images(10)
     shard = ray.data.from_items([{"image": i, "label": int(l)} for i, l in zip(images, labels)]).iterator()

@@ -1,0 +1,196 @@
+"""What runs on each Ray Train worker: build or restore the model, fit it on the worker's
+shard under MultiWorkerMirroredStrategy, and report metrics and a checkpoint every epoch.
+
+train.py (the driver) hands `train_loop_per_worker` to the TensorflowTrainer; Tune's trials
+run the same loop. This is the only training module that imports Keras at the top: the
+driver, and `--help`, never need it.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import keras
+
+from cifar_ray.config import CLASS_NAMES, Config
+from cifar_ray.data import DataInfo
+
+
+
+def train_loop_per_worker(loop_config: dict, callbacks: tuple = ()) -> keras.Model:
+    """Build or restore the model, fit it on this worker's shard, return it.
+
+    `callbacks` run before the reporting one (benchmarks/epoch_timeline.py times steps).
+    """
+    import ray
+    import ray.train
+    import tensorflow as tf
+
+    from cifar_ray.compat import patch_multi_worker_fit
+
+    cfg = Config.from_dict(loop_config["config"])
+    info = DataInfo(**loop_config["data_info"])
+    context = ray.train.get_context()
+    policy = precision_policy(cfg.train.mixed_precision, cfg.scaling.use_gpu)
+    print(f"worker {context.get_world_rank()}/{context.get_world_size()} on node "
+          f"{ray.get_runtime_context().get_node_id()}, batch "
+          f"{cfg.train.batch_size // context.get_world_size()}, {policy}", file=sys.__stdout__, flush=True)
+    configure_tensorflow(loop_config["threads"])
+    # Keras on a tf.data input of unknown length: true, and nothing to act on.
+    warnings.filterwarnings("ignore", message="`shuffle=True` was passed")
+    warnings.filterwarnings("ignore", message="Your input ran out of data")
+    keras.mixed_precision.set_global_policy(policy)
+    patch_multi_worker_fit()
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+
+    steps_per_epoch = max(1, info.num_train // cfg.train.batch_size)
+    with strategy.scope():
+        model, history = restore_or_build_model(cfg, info, ray.train.get_checkpoint(), steps_per_epoch)
+    if len(history) >= cfg.train.epochs:
+        # Restored after its last epoch (a run or Tune trial interrupted as it finished):
+        # report the final metrics again, since Tune may not have seen them.
+        ray.train.report(history[-1])
+        return model
+
+    model.fit(
+        make_tf_dataset(ray.train.get_dataset_shard("train"), cfg.train.batch_size, training=True),
+        validation_data=make_tf_dataset(ray.train.get_dataset_shard("val"), cfg.train.batch_size),
+        epochs=cfg.train.epochs,
+        initial_epoch=len(history),
+        callbacks=[*callbacks, ReportEpoch(cfg, info, history)],
+        verbose=0,
+    )
+    return model
+
+
+def configure_tensorflow(threads: int) -> None:
+    """One TF thread pool sized to the worker's CPUs: the default oversubscribes cores."""
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")  # one INFO line per collective op otherwise
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
+def precision_policy(mixed_precision: bool, use_gpu: bool) -> str:
+    """The Keras dtype policy: mixed where the hardware computes in 16 bits natively."""
+    if not mixed_precision:
+        return "float32"
+    if use_gpu:
+        return "mixed_float16"
+    return "mixed_bfloat16" if cpu_has_native_bf16() else "float32"
+
+
+def cpu_has_native_bf16() -> bool:
+    """AMX or AVX512-BF16: oneDNN then runs bfloat16 convolutions about 2x faster than float32
+    (benchmarks/README.md); without them bfloat16 is emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def restore_or_build_model(cfg: Config, info: DataInfo, checkpoint, steps_per_epoch: int):
+    """(model, history so far): from the latest checkpoint when resuming, else fresh."""
+    from cifar_ray.checkpoint import load_checkpoint
+    from cifar_ray.models import build_model, build_optimizer
+
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            model, metadata = load_checkpoint(directory)
+        return model, metadata["history"]
+
+    keras.utils.set_random_seed(cfg.train.seed)
+    model = build_model(cfg.model.model, info.mean, info.std, info.patch_covariance)
+    model.compile(
+        optimizer=build_optimizer(cfg.train, steps_per_epoch),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.train.label_smoothing),
+        metrics=["accuracy"],
+        jit_compile=cfg.train.jit_compile,
+        steps_per_execution=cfg.train.steps_per_execution,
+    )
+    return model, []
+
+
+def make_tf_dataset(shard, global_batch_size: int, training: bool = False):
+    """A worker's Ray Data shard as a tf.data.Dataset of (uint8 images, one-hot labels).
+
+    Batches hold the *global* batch size: under MultiWorkerMirroredStrategy Keras rebatches
+    each into global_batch_size / num_workers per worker and step, and every worker reads
+    its whole shard. `to_tf` turns TF's auto-sharding off, so no example is dropped.
+    Labels are one-hot because Keras smooths labels only in CategoricalCrossentropy.
+
+    tf.data autotuning is off, as in the per-device pipelines (compat.py, point 3): nothing
+    here is tunable, and its model thread stalled epoch boundaries by 10-80 s.
+    """
+    import tensorflow as tf
+
+    from cifar_ray.compat import without_autotuning
+
+    dataset = shard.to_tf(
+        feature_columns="image",
+        label_columns="label",
+        batch_size=global_batch_size,
+        drop_last=training,
+        local_shuffle_buffer_size=4 * global_batch_size if training else None,
+    )
+    return without_autotuning(dataset.map(lambda x, y: (x, tf.one_hot(y, len(CLASS_NAMES)))))
+
+
+class ReportEpoch(keras.callbacks.Callback):
+    """After each epoch, report metrics and a checkpoint to Ray Train."""
+
+    def __init__(self, cfg: Config, info: DataInfo, history: list[dict]):
+        super().__init__()
+        self.cfg, self.info, self.history = cfg, info, history
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        import ray.train
+
+        from cifar_ray.checkpoint import make_metadata, save_checkpoint
+
+        seconds = time.perf_counter() - self.epoch_start
+        metrics = {
+            "epoch": epoch + 1,
+            **{k: float(v) for k, v in logs.items() if k != "learning_rate"},
+            "lr": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
+            "epoch_time_s": round(seconds, 3),
+            "images_per_s": round(self.info.num_train / seconds, 1),
+        }
+        self.history.append(metrics)
+        context = ray.train.get_context()
+        is_chief = context.get_world_rank() == 0
+        if is_chief:
+            # Straight to the process's stdout, which Ray streams to the driver: Ray Train's
+            # patched print() would also log it, and the line would show twice.
+            mean_epoch_s = sum(m["epoch_time_s"] for m in self.history) / len(self.history)
+            eta_s = mean_epoch_s * (self.cfg.train.epochs - epoch - 1)
+            print(format_epoch(metrics, self.cfg.train.epochs, eta_s), file=sys.__stdout__, flush=True)
+        # Every worker saves (saving may need collectives), only rank 0's copy is kept.
+        with tempfile.TemporaryDirectory() as directory:
+            metadata = make_metadata(self.cfg, self.info, epoch=epoch + 1, metrics=metrics,
+                                     history=self.history)
+            save_checkpoint(directory, self.model, metadata)
+            checkpoint = ray.train.Checkpoint.from_directory(directory) if is_chief else None
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
+
+
+def format_epoch(m: dict, epochs: int, eta_s: float) -> str:
+    return (f"epoch {m['epoch']}/{epochs}  loss {m['loss']:.4f}  acc {m['accuracy']:.4f}  "
+            f"val_loss {m['val_loss']:.4f}  val_acc {m['val_accuracy']:.4f}  "
+            f"lr {m['lr']:.2e}  {m['epoch_time_s']:.1f}s  {m['images_per_s']:.0f} img/s  "
+            f"ETA {format_duration(eta_s)}")
+
+
+def format_duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
