@@ -38,6 +38,7 @@ class Loaded:
     forward: Callable
     metadata: dict
     audit: dict | None  # the training audit (metrics.json) the checkpoint carries
+    model_card: str | None  # its MODEL_CARD.md
     version: str  # the registry version number; for a checkpoint path, its last two folders
 
     def predict(self, images: np.ndarray) -> np.ndarray:
@@ -54,10 +55,12 @@ def load(folder: Path, version: str) -> Loaded:
     model, metadata = load_checkpoint(folder, compile=False)
     audit_file = folder / "metrics.json"  # written by training's audit (evaluate.py)
     audit = json.loads(audit_file.read_text()) if audit_file.is_file() else None
+    card_file = folder / "MODEL_CARD.md"
+    model_card = card_file.read_text() if card_file.is_file() else None
     forward = tf.function(lambda x: model(x, training=False),
                           input_signature=[tf.TensorSpec([None, *IMAGE_SHAPE], tf.float32)])
     forward(np.zeros((1, *IMAGE_SHAPE), np.float32))  # trace and warm up before taking traffic
-    return Loaded(forward, metadata, audit, version)
+    return Loaded(forward, metadata, audit, model_card, version)
 
 
 class LiveModel:

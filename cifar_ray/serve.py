@@ -10,10 +10,12 @@ By default replicas serve `models:/cifar10-classifier@champion` from the MLflow 
 redeploy and no failed request (live_model.py). Every answer names its `model_version`.
 
 Endpoints (OpenAPI docs at /docs):
+    GET  /               a page to try the model: drop an image, see the top classes
     POST /predict        an image: multipart upload (field `file`) or raw bytes (image/*)
     POST /predict/json   {"image": HxWx3 nested lists of 0-255} or {"images": [...]}
     GET  /healthz        200 once a model is loaded and warmed up, else 503 and why
     GET  /metadata       class names, model, training metrics, data source, model card
+    GET  /model-card     the served model's MODEL_CARD.md
 
 Concurrent requests share one model call through `@serve.batch`; `user_config` in
 serve_config.yaml sets the batch size and wait live (`reconfigure`). Decoding and model
@@ -23,16 +25,19 @@ and never takes the replica down (serve_input.py). Prometheus metrics: serve_met
 
 
 import asyncio
+import functools
 import logging
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, PlainTextResponse
 from ray import serve
 
 from cifar_ray.config import ServeConfig, config_from_args
@@ -50,6 +55,13 @@ COMPUTE_THREADS = 2  # batches in flight per replica: one computing while the ne
 FAST_INGRESS_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
 
 api = FastAPI(title="cifar-ray", description="CIFAR-10 image classification")
+
+
+# Defined above the deployment: @serve.ingress copies the class with the module globals
+# that exist when it is applied.
+@functools.cache
+def page_html() -> str:
+    return (Path(__file__).parent / "page.html").read_text(encoding="utf-8")
 
 
 @dataclass
@@ -152,6 +164,19 @@ class Classifier:
         queued_at = self.metrics.observe("decode", start)
         answers = self._answer(*await self._classify(images, queued_at), top_k)
         return answers[0] if single else answers
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> str:
+        """A page to try the model in a browser; it calls /predict like any other client."""
+        return page_html()
+
+    @api.get("/model-card", response_class=PlainTextResponse)
+    async def model_card(self) -> str:
+        """The served model's MODEL_CARD.md (Markdown): data, metrics per class, limits."""
+        self._require_ready()
+        if not self.live.current.model_card:
+            raise HTTPException(404, "this model's checkpoint carries no MODEL_CARD.md")
+        return self.live.current.model_card
 
     @api.get("/healthz")
     async def healthz(self) -> dict:

@@ -115,6 +115,81 @@ def test_healthz_and_metadata(endpoint):
     assert requests.get(f"{url}/docs", timeout=30).status_code == 200
 
 
+def test_model_card_route_serves_the_checkpoints_card(endpoint):
+    url, checkpoint = endpoint
+    card = requests.get(f"{url}/model-card", timeout=30)
+    assert card.status_code == 200 and card.text == (Path(checkpoint) / "MODEL_CARD.md").read_text()
+
+
+# --- the page at / in a real browser -------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium driven by Selenium, with no network but loopback."""
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("needs Chromium and ChromeDriver (Debian: apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", "--disable-quic", "--window-size=820,720"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def a_cifar10_image() -> tuple[str, bytes]:
+    """A real CIFAR-10 image (JPEG) when CIFAR10_PARQUET names a Parquet folder of the shared
+    data's schema, else a synthetic PNG."""
+    import os
+
+    folder = os.environ.get("CIFAR10_PARQUET")
+    if folder:
+        import pyarrow.parquet as pq
+
+        row = pq.read_table(sorted(Path(folder).glob("*.parquet"))[0], columns=["image"]).slice(0, 1)
+        return "cifar10.jpg", row.column("image")[0].as_py()
+    return "synthetic.png", encode(make_images(1, seed=11)[0][0])
+
+
+def test_page_shows_an_uploaded_images_top_classes_as_the_api_answers(endpoint, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = endpoint
+    name, data = a_cifar10_image()
+    image = tmp_path / name
+    image.write_bytes(data)
+    expected = requests.post(f"{url}/predict?top_k=5", files={"file": (name, data)}, timeout=30).json()
+
+    browser.get(f"{url}/")
+    wait = WebDriverWait(browser, 30)
+    model_line = wait.until(lambda d: "version" in d.find_element(By.ID, "model").text
+                            and d.find_element(By.ID, "model").text)
+    assert model_line.startswith(f"{expected['model']}, version {expected['model_version']}")
+    browser.find_element(By.ID, "file").send_keys(str(image))
+    rows = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#answer li"))
+    shown = [(r.get_attribute("data-class-name"), r.find_element(By.CLASS_NAME, "probability").text) for r in rows]
+    assert shown == [(t["class_name"], f"{100 * t['probability']:.1f}%") for t in expected["top_k"]]
+    browser.save_screenshot(str(tmp_path / "page.png"))
+    assert (tmp_path / "page.png").read_bytes()[:4] == b"\x89PNG"
+
+    not_an_image = tmp_path / "notes.txt"
+    not_an_image.write_text("not an image")
+    browser.find_element(By.ID, "file").send_keys(str(not_an_image))
+    error = wait.until(lambda d: d.find_element(By.ID, "error").text)
+    assert error.startswith("400: undecodable image") and not browser.find_elements(By.CSS_SELECTOR, "#answer li")
+    assert browser.find_element(By.LINK_TEXT, "Model card").get_attribute("href") == f"{url}/model-card"
+
+
 def png_bomb(side: int = 20_000) -> bytes:
     """A tiny PNG whose header claims side x side pixels."""
     def chunk(kind, data):
