@@ -26,6 +26,7 @@ CLASS_NAMES = (
 IMAGE_SHAPE = (32, 32, 3)
 REGISTERED_MODEL = "cifar10-classifier"
 CHAMPION = "champion"  # the registry alias Serve follows
+TENSORBOARD_DIR = "tensorboard"  # in each run folder: `tensorboard --logdir <storage-path>`
 
 
 def _f(default: Any, help: str, choices: Optional[tuple] = None) -> Any:

@@ -25,7 +25,7 @@ from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 
-from cifar_ray.config import Config, with_global_batch
+from cifar_ray.config import CLASS_NAMES, TENSORBOARD_DIR, Config, with_global_batch
 from cifar_ray.data import AUGMENT_TASK_CPUS, DataInfo
 
 SCORE_METRIC = "val_accuracy"
@@ -172,8 +172,30 @@ def audit_best_checkpoint(summary: dict, val, info: DataInfo) -> None:
     from cifar_ray.evaluate import evaluate_dataset
 
     data = {"source": info.source, "split": f"validation split, {info.num_val} images"}
-    evaluate_dataset(val, summary["best_checkpoint"], data,
-                     outs=(summary["run_dir"], summary["best_checkpoint"]))
+    audit = evaluate_dataset(val, summary["best_checkpoint"], data,
+                             outs=(summary["run_dir"], summary["best_checkpoint"]))
+    log_audit_to_tensorboard(summary, audit)
+
+
+def log_audit_to_tensorboard(summary: dict, audit: dict) -> None:
+    """The best checkpoint's confusion matrix and per-class accuracy, as images at its epoch,
+    beside the curves the chief worker logged (train_loop.tensorboard_on_chief)."""
+    import tensorflow as tf
+
+    from cifar_ray.report import plot_confusion_matrix, plot_per_class_accuracy
+
+    images = {"confusion_matrix": plot_confusion_matrix(audit, CLASS_NAMES),
+              "per_class_accuracy": plot_per_class_accuracy(audit, CLASS_NAMES)}
+    try:
+        writer = tf.summary.create_file_writer(f"{summary['run_dir']}/{TENSORBOARD_DIR}/audit")
+        with writer.as_default():
+            for name, png in images.items():
+                tf.summary.image(name, tf.image.decode_png(png)[None], step=summary["best_epoch"] - 1)
+            tf.summary.scalar("accuracy", audit["accuracy"], step=summary["best_epoch"] - 1)
+            tf.summary.scalar("expected_calibration_error", audit["ece"], step=summary["best_epoch"] - 1)
+        writer.close()
+    except Exception as e:  # TensorBoard is a view: never lose a run over it
+        print(f"TensorBoard: could not log the audit ({str(e).splitlines()[0]})", flush=True)
 
 
 def absolute_storage_path(path: str) -> str:

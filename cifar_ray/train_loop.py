@@ -16,7 +16,7 @@ from pathlib import Path
 
 import keras
 
-from cifar_ray.config import CLASS_NAMES, Config
+from cifar_ray.config import CLASS_NAMES, TENSORBOARD_DIR, Config
 from cifar_ray.data import DataInfo
 
 
@@ -61,10 +61,27 @@ def train_loop_per_worker(loop_config: dict, callbacks: tuple = ()) -> keras.Mod
         validation_data=make_tf_dataset(ray.train.get_dataset_shard("val"), cfg.train.batch_size),
         epochs=cfg.train.epochs,
         initial_epoch=len(history),
-        callbacks=[*callbacks, ReportEpoch(cfg, info, history)],
+        callbacks=[*callbacks, *tensorboard_on_chief(cfg, context.get_world_rank()), ReportEpoch(cfg, info, history)],
         verbose=0,
     )
     return model
+
+
+def tensorboard_on_chief(cfg: Config, rank: int) -> list:
+    """Keras's TensorBoard callback, on rank 0 only, writing into the run folder: loss,
+    accuracy and learning rate per epoch, and the model graph. `tensorboard --logdir
+    <storage-path>` shows every run and Tune trial. None where TF cannot write there."""
+    import tensorflow as tf
+
+    if rank != 0:
+        return []
+    log_dir = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}/{TENSORBOARD_DIR}"
+    try:
+        tf.io.gfile.makedirs(log_dir)
+    except Exception as e:  # a storage URI TF has no file system for (s3:// without tensorflow-io)
+        print(f"TensorBoard logs off: cannot write {log_dir} ({str(e).splitlines()[0]})", file=sys.__stdout__)
+        return []
+    return [keras.callbacks.TensorBoard(log_dir, write_graph=True, profile_batch=0)]
 
 
 def configure_tensorflow(threads: int) -> None:

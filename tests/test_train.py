@@ -26,6 +26,32 @@ def test_two_workers_beat_chance(two_worker_run):
     assert summary["epochs"] == 2
 
 
+def tensorboard_events(folder: Path) -> dict:
+    """{tag: [(step, kind)]} of every TensorBoard event file under `folder`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found = {}
+    for events in folder.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events.parent), size_guidance={"tensors": 0, "images": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["tensors"]:
+            for event in accumulator.Tensors(tag):
+                found.setdefault(f"{events.parent.name}/{tag}", []).append(event.step)
+    return found
+
+
+def test_run_writes_tensorboard_curves_learning_rate_and_the_audits_images(two_worker_run):
+    cfg, summary, _ = two_worker_run
+    events = tensorboard_events(Path(summary["run_dir"]) / "tensorboard")
+    epochs = list(range(cfg.train.epochs))  # only the chief writes: one point per epoch
+    for tag in ("train/epoch_loss", "train/epoch_accuracy", "train/epoch_learning_rate",
+                "validation/epoch_loss", "validation/epoch_accuracy"):
+        assert sorted(events.get(tag, [])) == epochs, (tag, events)
+    best = summary["best_epoch"] - 1
+    for tag in ("audit/confusion_matrix", "audit/per_class_accuracy", "audit/accuracy"):
+        assert events.get(tag) == [best], (tag, events)
+
+
 def test_weights_are_identical_on_every_worker(two_worker_run):
     _, _, root = two_worker_run
     rank0, rank1 = (np.load(root / f"rank{r}.npz") for r in (0, 1))
