@@ -36,8 +36,6 @@ import yaml
 
 from cifar_ray.config import Config, choices_of, config_from_args, with_global_batch
 from cifar_ray.data import DataInfo
-from cifar_ray.models import MODELS
-from cifar_ray.registry import register_run
 from cifar_ray.train import SCORE_METRIC
 
 SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -53,7 +51,7 @@ def search_space(cfg: Config) -> dict:
     t = cfg.tune
     low, high = t.lr_range or (1e-4, 1e-1)
     return {
-        "model": tune.choice(list(t.models or MODELS)),
+        "model": tune.choice(list(t.models or choices_of("model"))),
         "optimizer": tune.choice(list(t.optimizers or choices_of("optimizer"))),
         "lr": tune.loguniform(low, high),
         "augment": tune.choice(list(t.augments or choices_of("augment"))),
@@ -129,6 +127,7 @@ def run(cfg: Config) -> dict:
     from cifar_ray import tracking
     from cifar_ray.checkpoint import write_file
     from cifar_ray.data import load_training_data
+    from cifar_ray.registry import register_run
     from cifar_ray.train import check_storage_writable, resolve_run
 
     cfg = resolve_run(cfg, default_name=datetime.now().strftime("tune-%Y%m%d-%H%M%S"))

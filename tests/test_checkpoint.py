@@ -1,5 +1,6 @@
 """Checkpoint safety: damaged or incompatible checkpoints get one clear error everywhere."""
 
+import importlib
 import json
 import shutil
 import subprocess
@@ -47,14 +48,28 @@ def test_damaged_checkpoint_raises_checkpoint_error(two_worker_run, tmp_path, ki
 
 @pytest.mark.parametrize("stage", ["evaluate", "predict"])
 @pytest.mark.parametrize("kind", ["incompatible version", "missing model", "corrupt model"])
-def test_cli_reports_a_damaged_checkpoint_in_one_line(two_worker_run, tmp_path, stage, kind):
+def test_cli_reports_a_damaged_checkpoint_in_one_line(two_worker_run, tmp_path, capsys, stage, kind):
+    """The command's own main(), in this process: no TensorFlow import to pay per case
+    (test_checkpoint_cli_in_a_subprocess_fails_in_one_line runs one as a real process)."""
     _, summary, _ = two_worker_run
     path, expected = damage(summary["best_checkpoint"], kind, tmp_path)
     extra = ["--out", str(tmp_path / "out")] if stage == "predict" else []
-    result = subprocess.run([sys.executable, "-m", f"cifar_ray.{stage}", "--checkpoint", str(path),
-                             "--data", "synthetic", *extra], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    with pytest.raises(SystemExit) as exited:  # --verbose: leave this process's log levels alone
+        importlib.import_module(f"cifar_ray.{stage}").main(
+            ["--checkpoint", str(path), "--data", "synthetic", "--verbose", *extra])
+    stderr = capsys.readouterr().err
+    assert exited.value.code == 2, stderr[-2000:]
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and expected in last and str(path) in last
+
+
+def test_checkpoint_cli_in_a_subprocess_fails_in_one_line(two_worker_run, tmp_path):
+    _, summary, _ = two_worker_run
+    path, expected = damage(summary["best_checkpoint"], "corrupt model", tmp_path)
+    result = subprocess.run([sys.executable, "-m", "cifar_ray.evaluate", "--checkpoint", str(path),
+                             "--data", "synthetic"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and expected in last and str(path) in last
 
