@@ -48,7 +48,7 @@ QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "GRPC_VERBOSITY": "ERROR", "MLFLOW_LOG
 QUIET_LOGGERS = {
     "ray.data._internal.execution.streaming_executor": "WARNING",  # each dataset's plan
     "ray.data._internal.progress": "ERROR",  # hints about progress bars...
-    "ray.data._internal.progress.logging_progress": "INFO",  # ...but not the progress itself
+    "ray.data._internal.progress.logging_progress": "INFO",  # ...not progress (predict's, say)
 }
 QUIET_FLAG = "CIFAR_RAY_QUIET"  # set by parse_args unless --verbose
 

@@ -76,6 +76,19 @@ def read_source(spec: str, *, split: str = "train", synthetic_size: int = 2000, 
     return _read_image_folder(spec).map_batches(decode_batch, **decode)
 
 
+def count_rows(spec: str) -> int | None:
+    """A Parquet source's rows from its files' metadata, without reading them (None for
+    other sources): the total that progress lines count towards."""
+    if spec in ("cifar10", "synthetic") or not ("://" in spec or _contains_parquet(Path(spec))):
+        return None
+    import pyarrow.dataset
+
+    try:
+        return pyarrow.dataset.dataset(spec, format="parquet").count_rows()
+    except Exception:  # reading it will report what is wrong, in its own words
+        return None
+
+
 def check_source(spec: str) -> None:
     """Reject a local --data path that does not exist, and fetch the Keras CIFAR-10 archive
     (or find it cached), before any Ray work starts: an offline machine fails in seconds."""

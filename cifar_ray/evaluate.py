@@ -51,15 +51,20 @@ def predict_dataset(ds, checkpoint: str, num_actors: int = 1, batch_size: int = 
                           batch_format="numpy")
 
 
-def collect_predictions(ds, errors_kept: int = ERRORS_SHOWN):
+def collect_predictions(ds, errors_kept: int = ERRORS_SHOWN, total: int | None = None):
     """(labels, probabilities, most confident errors) of a predicted dataset.
 
     Only labels and probabilities are kept for every row; images only for the running
-    top `errors_kept` confidently wrong predictions.
+    top `errors_kept` confidently wrong predictions. Progress goes to stderr, towards
+    `total` rows when it is known.
     """
+    from cifar_ray.progress import Progress
+
     labels, probabilities, worst = [], [], []
     order = itertools.count()  # breaks confidence ties without comparing dicts
+    progress = Progress("evaluate", total)
     for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
+        progress.update(len(batch["label"]))
         labels.append(batch["label"])
         probabilities.append(batch["probabilities"])
         predicted = batch["probabilities"].argmax(1)
@@ -71,6 +76,7 @@ def collect_predictions(ds, errors_kept: int = ERRORS_SHOWN):
             heapq.heappush(worst, item)
             if len(worst) > errors_kept:
                 heapq.heappop(worst)
+    progress.close()
     if not labels:
         raise ValueError("the evaluation data has no rows")
     errors = [e for _, _, e in sorted(worst, key=lambda t: -t[0])]
@@ -78,14 +84,16 @@ def collect_predictions(ds, errors_kept: int = ERRORS_SHOWN):
 
 
 def evaluate_dataset(ds, checkpoint: str, data: dict, outs: tuple[str, ...] = (),
-                     num_actors: int = 1, tta: bool = False) -> dict:
-    """Metrics of `checkpoint` on `ds`; the full audit is written into each folder of `outs`.
+                     num_actors: int = 1, tta: bool = False, total: int | None = None) -> dict:
+    """Metrics of `checkpoint` on `ds` (`total` rows, if known); the full audit is written
+    into each folder of `outs`.
 
     `data` describes what `ds` is, for the model card: {"source": ..., "split": ...}.
     """
     with local_checkpoint(checkpoint) as directory:
         metadata = read_metadata(directory)
-    labels, probabilities, errors = collect_predictions(predict_dataset(ds, checkpoint, num_actors, tta=tta))
+    predictions = predict_dataset(ds, checkpoint, num_actors, tta=tta)
+    labels, probabilities, errors = collect_predictions(predictions, total=total)
     class_names = metadata["class_names"]
     metrics = report.compute_metrics(labels, probabilities, class_names)
     result = {"checkpoint": checkpoint, "data": data, "tta": tta, **metrics}
@@ -121,10 +129,16 @@ def open_source_for(checkpoint: str, data: str):
 
 def evaluate(checkpoint: str, data: str, out: str | None = None, num_actors: int = 1,
              tta: bool = False) -> dict:
+    import ray.data
+
+    from cifar_ray.data import count_rows
+
+    # collect_predictions shows the progress; a dataset takes the setting when it is made
+    ray.data.DataContext.get_current().enable_progress_bars = False
     ds = open_source_for(checkpoint, data)
     split = "CIFAR-10 test split" if data == "cifar10" else "all rows"
     return evaluate_dataset(ds, checkpoint, {"source": data, "split": split},
-                            (out,) if out else (), num_actors, tta)
+                            (out,) if out else (), num_actors, tta, total=count_rows(data))
 
 
 def summary_line(metrics: dict) -> dict:

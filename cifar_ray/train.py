@@ -173,7 +173,7 @@ def audit_best_checkpoint(summary: dict, val, info: DataInfo) -> None:
 
     data = {"source": info.source, "split": f"validation split, {info.num_val} images"}
     audit = evaluate_dataset(val, summary["best_checkpoint"], data,
-                             outs=(summary["run_dir"], summary["best_checkpoint"]))
+                             outs=(summary["run_dir"], summary["best_checkpoint"]), total=info.num_val)
     log_audit_to_tensorboard(summary, audit)
 
 

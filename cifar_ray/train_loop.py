@@ -18,6 +18,7 @@ import keras
 
 from cifar_ray.config import CLASS_NAMES, TENSORBOARD_DIR, Config
 from cifar_ray.data import DataInfo
+from cifar_ray.progress import format_duration
 
 
 
@@ -206,8 +207,3 @@ def format_epoch(m: dict, epochs: int, eta_s: float) -> str:
             f"lr {m['lr']:.2e}  {m['epoch_time_s']:.1f}s  {m['images_per_s']:.0f} img/s  "
             f"ETA {format_duration(eta_s)}")
 
-
-def format_duration(seconds: float) -> str:
-    minutes, seconds = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"

@@ -122,6 +122,7 @@ def trial_resources(cfg: Config, cluster_cpus: float) -> tuple[int, float]:
 def run(cfg: Config) -> dict:
     """Run (or resume) the experiment; return the best trial's summary."""
     import ray
+    import ray.data
     from ray import tune
 
     from cifar_ray import tracking
@@ -131,6 +132,8 @@ def run(cfg: Config) -> dict:
     from cifar_ray.train import check_storage_writable, resolve_run
 
     cfg = resolve_run(cfg, default_name=datetime.now().strftime("tune-%Y%m%d-%H%M%S"))
+    # Tune's trial table and each trial's epoch lines say more than a progress bar per dataset.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     experiment_dir = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
     check_storage_writable(cfg.run.storage_path)
     uri = tracking.tracking_uri(cfg)
@@ -234,7 +237,7 @@ def write_experiment_outputs(cfg: Config, experiment_dir: str, results, val, inf
             "metrics": metadata["metrics"]}
     write_file(best_dir, "best.json", json.dumps(best, indent=2).encode())
     evaluate_dataset(val, best_dir, {"source": info.source, "split": f"validation split, {info.num_val} images"},
-                     outs=(best_dir,))
+                     outs=(best_dir,), total=info.num_val)
     print("\n" + table, flush=True)
     return {**best, "experiment_dir": experiment_dir, "best_dir": best_dir, "leaderboard": rows}
 
