@@ -11,7 +11,8 @@ import pytest
 import requests
 
 from cifar_ray.config import CLASS_NAMES, Config, RegistryConfig
-from cifar_ray.registry import Decision, Registry, RegistryError, Scores, decide, judge, promote, rollback
+from cifar_ray.gate import Decision, Scores, decide, judge
+from cifar_ray.registry import Registry, RegistryError, promote, rollback
 from conftest import make_images
 
 GATE = RegistryConfig(min_improvement=0.01, max_class_drop=0.05)
