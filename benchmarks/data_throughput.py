@@ -3,7 +3,7 @@
     python benchmarks/data_throughput.py [--data ../shared/data/cifar10/train] [--train-rate 650]
 
 Sides, interleaved (A, B, A, B), each over every image of --data:
-- Ray Data: read Parquet, decode JPEG/PNG (data.decode_batch), augment (data.augment_batch,
+- Ray Data: read Parquet, decode JPEG/PNG (data.decode_batch), augment (augment.augment_batch,
   crop_flip and notebook), iterated on the driver as numpy batches: what a worker receives.
 - The notebook's path. ImageDataGenerator is gone in Keras 3; its replacement is the
   preprocessing layers (RandomRotation 15 degrees, RandomTranslation 0.1, RandomFlip,
@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def ray_data_rate(data: str, augment: str) -> tuple[float, int]:
-    from cifar_ray.data import add_augmentation, read_source
+    from cifar_ray.augment import add_augmentation
+    from cifar_ray.data import read_source
 
     start = time.perf_counter()
     n = 0
@@ -37,7 +38,7 @@ def ray_data_rate(data: str, augment: str) -> tuple[float, int]:
 def augment_only_rate(decoded, augment: str) -> tuple[float, int]:
     """What each training epoch costs: the splits are decoded once and kept in the object
     store (data.load_training_data), so an epoch only augments."""
-    from cifar_ray.data import add_augmentation
+    from cifar_ray.augment import add_augmentation
 
     start = time.perf_counter()
     n = 0

@@ -26,7 +26,8 @@ from datetime import datetime
 from pathlib import Path
 
 from cifar_ray.config import CLASS_NAMES, TENSORBOARD_DIR, Config, with_global_batch
-from cifar_ray.data import AUGMENT_TASK_CPUS, DataInfo
+from cifar_ray.augment import AUGMENT_TASK_CPUS
+from cifar_ray.data import DataInfo
 
 SCORE_METRIC = "val_accuracy"
 
@@ -136,7 +137,7 @@ def make_trainer(cfg: Config, train, val, info: DataInfo, train_loop=None,
     from ray.train.tensorflow import TensorflowTrainer
 
     from cifar_ray.cli import is_quiet
-    from cifar_ray.data import add_augmentation
+    from cifar_ray.augment import add_augmentation
     from cifar_ray.train_loop import train_loop_per_worker
 
     cpus_per_worker, threads = plan_resources(cfg, ray.cluster_resources().get("CPU", 1))

@@ -5,8 +5,8 @@ import pytest
 
 from conftest import encode, make_images, write_image_folder, write_parquet_folder
 from cifar_ray.config import DataConfig
-from cifar_ray.data import (DataSourceError, augment_batch, crop_flip, decode_batch,
-                            load_training_data, notebook_augment, read_source)
+from cifar_ray.augment import augment_batch, crop_flip, notebook_augment
+from cifar_ray.data import DataSourceError, decode_batch, load_training_data, read_source
 
 
 @pytest.fixture
