@@ -131,7 +131,7 @@ def run(cfg: Config) -> dict:
     from cifar_ray.registry import register_run
     from cifar_ray.train import check_storage_writable, resolve_run
 
-    cfg = resolve_run(cfg, default_name=datetime.now().strftime("tune-%Y%m%d-%H%M%S"))
+    cfg = resolve_run(cfg, default_name=new_experiment_name())
     # Tune's trial table and each trial's epoch lines say more than a progress bar per dataset.
     ray.data.DataContext.get_current().enable_progress_bars = False
     experiment_dir = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
@@ -284,14 +284,28 @@ def plot_comparison(rows: list[dict], title: str) -> bytes:
     return buffer.getvalue()
 
 
+def new_experiment_name() -> str:
+    return datetime.now().strftime("tune-%Y%m%d-%H%M%S")
+
+
+def describe(cfg: Config) -> str:
+    """What an experiment will do, in the first lines a user sees."""
+    t = cfg.tune
+    space = t.search_space or f"models {', '.join(t.models or choices_of('model'))}"
+    return (f"tune {t.num_samples} trials ({space}; {t.scheduler} scheduler) on {cfg.data.data}, "
+            f"up to {cfg.train.epochs} epochs each\nresults: {cfg.run.storage_path}/{cfg.run.name}")
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     from cifar_ray.cli import init_ray, parse_args, run_cli
     from cifar_ray.data import check_source
+    from cifar_ray.train import resolve_run
 
     args = parse_args("tune", argv, prog)
 
     def tune() -> None:
-        cfg = config_from_args(args)
+        cfg = resolve_run(config_from_args(args), default_name=new_experiment_name())
+        print(describe(cfg), flush=True)
         check_source(cfg.data.data)
         if cfg.tune.search_space:
             parse_search_space(yaml.safe_load(Path(cfg.tune.search_space).read_text()) or {})
