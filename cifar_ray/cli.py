@@ -152,6 +152,24 @@ def parse_args(stage: str, argv: list[str] | None = None, prog: str | None = Non
     return args
 
 
+def main(argv: list[str] | None = None) -> None:
+    """`cifar-ray <stage> ...`: parse the stage's flags here, then import and run the stage."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in STAGES:
+        parser = argparse.ArgumentParser(
+            prog="cifar-ray", description="Train, tune, evaluate and serve CIFAR-10 Keras models on Ray.",
+            epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        stages = parser.add_subparsers(dest="stage", required=True, metavar="<stage>")
+        for name, summary in STAGES.items():
+            stages.add_parser(name, help=summary, add_help=False)
+        parser.parse_args(argv)  # exits: help, or a usage error naming the stages
+        return
+    stage, rest = argv[0], argv[1:]
+    prog = f"cifar-ray {stage}"
+    parse_args(stage, rest, prog)  # --help and bad flags answer before the stage is imported
+    importlib.import_module(f"cifar_ray.{stage}").main(rest, prog=prog)
+
+
 # ---------------------------------------------------------------------------------------
 # Quiet start-up
 # ---------------------------------------------------------------------------------------
@@ -210,24 +228,6 @@ def quiet_start_up() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # Ray's and TF's own, not a user's
     if "tensorflow" not in sys.modules and not any(isinstance(f, QuietTensorFlowImport) for f in sys.meta_path):
         sys.meta_path.insert(0, QuietTensorFlowImport())
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`cifar-ray <stage> ...`: parse the stage's flags here, then import and run the stage."""
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in STAGES:
-        parser = argparse.ArgumentParser(
-            prog="cifar-ray", description="Train, tune, evaluate and serve CIFAR-10 Keras models on Ray.",
-            epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-        stages = parser.add_subparsers(dest="stage", required=True, metavar="<stage>")
-        for name, summary in STAGES.items():
-            stages.add_parser(name, help=summary, add_help=False)
-        parser.parse_args(argv)  # exits: help, or a usage error naming the stages
-        return
-    stage, rest = argv[0], argv[1:]
-    prog = f"cifar-ray {stage}"
-    parse_args(stage, rest, prog)  # --help and bad flags answer before the stage is imported
-    importlib.import_module(f"cifar_ray.{stage}").main(rest, prog=prog)
 
 
 def is_quiet() -> bool:
