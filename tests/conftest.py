@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -106,4 +107,7 @@ def two_worker_run(ray_cluster, tmp_path_factory):
         # per-worker batch, exercised on CPU: 2 x 32 = the smoke preset's global batch 64
         "per_worker_batch_size": 32})
     summary = run(cfg, train_loop=saving_weights_loop(str(root)))
-    return cfg, summary, root
+    # Tests load and serve a copy: test_train's resume test trains this run further, and Ray
+    # Train may then prune the epoch that was best.
+    best = shutil.copytree(summary["best_checkpoint"], root / "best-checkpoint")
+    return cfg, {**summary, "best_checkpoint": str(best)}, root
