@@ -25,7 +25,7 @@ from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 
-from cifar_ray.config import CLASS_NAMES, TENSORBOARD_DIR, Config, with_global_batch
+from cifar_ray.config import TENSORBOARD_DIR, Config, with_global_batch
 from cifar_ray.augment import AUGMENT_TASK_CPUS
 from cifar_ray.data import DataInfo
 
@@ -180,20 +180,22 @@ def audit_best_checkpoint(summary: dict, val, info: DataInfo) -> None:
 
 def log_audit_to_tensorboard(summary: dict, audit: dict) -> None:
     """The best checkpoint's confusion matrix and per-class accuracy, as images at its epoch,
-    beside the curves the chief worker logged (train_loop.tensorboard_on_chief)."""
+    beside the curves the chief worker logged (train_loop.tensorboard_on_chief). The images
+    are the audit's own PNGs, read back from the run folder."""
     import tensorflow as tf
 
-    from cifar_ray.report import plot_confusion_matrix, plot_per_class_accuracy
+    from cifar_ray.checkpoint import read_file
 
-    images = {"confusion_matrix": plot_confusion_matrix(audit, CLASS_NAMES),
-              "per_class_accuracy": plot_per_class_accuracy(audit, CLASS_NAMES)}
+    step = summary["best_epoch"] - 1
     try:
+        images = {tag: read_file(summary["run_dir"], png) for tag, png in
+                  (("confusion_matrix", "confusion_matrix.png"), ("per_class_accuracy", "per_class.png"))}
         writer = tf.summary.create_file_writer(f"{summary['run_dir']}/{TENSORBOARD_DIR}/audit")
         with writer.as_default():
-            for name, png in images.items():
-                tf.summary.image(name, tf.image.decode_png(png)[None], step=summary["best_epoch"] - 1)
-            tf.summary.scalar("accuracy", audit["accuracy"], step=summary["best_epoch"] - 1)
-            tf.summary.scalar("expected_calibration_error", audit["ece"], step=summary["best_epoch"] - 1)
+            for tag, png in images.items():
+                tf.summary.image(tag, tf.image.decode_png(png)[None], step=step)
+            tf.summary.scalar("accuracy", audit["accuracy"], step=step)
+            tf.summary.scalar("expected_calibration_error", audit["ece"], step=step)
         writer.close()
     except Exception as e:  # TensorBoard is a view: never lose a run over it
         print(f"TensorBoard: could not log the audit ({str(e).splitlines()[0]})", flush=True)
