@@ -63,7 +63,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as storage:
         cfg = resolve_run(with_recipe(PRESETS["default"], args.model).with_overrides({
             "model": args.model, "data": "synthetic", "synthetic_size": args.images, "augment": "none",
-            "epochs": args.epochs, "storage_path": storage}), default_name=f"timeline-{time.time_ns()}")
+            "epochs": args.epochs, "storage_path": storage, "name": f"timeline-{time.time_ns()}"}))
         init_ray()
         train, val, _, info = load_training_data(cfg.data, seed=0)
         make_trainer(cfg, train, val, info, timeline_loop).fit()

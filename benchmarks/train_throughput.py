@@ -91,8 +91,8 @@ def ray_train(cfg, workers: int) -> dict:
     from cifar_ray.train import make_trainer, resolve_run
 
     with tempfile.TemporaryDirectory() as storage:
-        run_cfg = resolve_run(cfg.with_overrides({"num_workers": workers, "storage_path": storage}),
-                              default_name=f"throughput-{workers}w-{time.time_ns()}")
+        run_cfg = resolve_run(cfg.with_overrides({"num_workers": workers, "storage_path": storage,
+                                                  "name": f"throughput-{workers}w-{time.time_ns()}"}))
         start = time.perf_counter()
         train, val, _, info = load_training_data(run_cfg.data, seed=0)
         result = make_trainer(run_cfg, train, val, info).fit()

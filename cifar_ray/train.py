@@ -57,7 +57,7 @@ def run(cfg: Config, train_loop=None) -> dict:
 
     import ray.data
 
-    cfg = with_global_batch(resolve_run(cfg, default_name=new_run_name()))
+    cfg = with_global_batch(resolve_run(cfg))
     # An epoch's line (train_loop.format_epoch) says more than a progress bar per dataset.
     ray.data.DataContext.get_current().enable_progress_bars = False
     check_storage_writable(cfg.run.storage_path)
@@ -119,13 +119,10 @@ def fit_or_explain(trainer, cfg: Config):
             f"rerun with --name {cfg.run.name} to resume") from None
 
 
-def new_run_name() -> str:
-    return datetime.now().strftime("train-%Y%m%d-%H%M%S")
-
-
-def resolve_run(cfg: Config, default_name: str) -> Config:
-    """Fill in the run name and make a local storage path absolute (Ray needs one)."""
-    return cfg.with_overrides({"name": cfg.run.name or default_name,
+def resolve_run(cfg: Config, kind: str = "train") -> Config:
+    """Name an unnamed run `<kind>-<date>-<time>` and make a local storage path absolute
+    (Ray needs one)."""
+    return cfg.with_overrides({"name": cfg.run.name or datetime.now().strftime(f"{kind}-%Y%m%d-%H%M%S"),
                                "storage_path": absolute_storage_path(cfg.run.storage_path)})
 
 
@@ -271,7 +268,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     args = parse_args("train", argv, prog)
 
     def train() -> None:
-        cfg = resolve_run(config_from_args(args), default_name=new_run_name())
+        cfg = resolve_run(config_from_args(args))
         print(describe(cfg), flush=True)
         check_source(cfg.data.data)
         init_ray()

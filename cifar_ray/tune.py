@@ -29,7 +29,6 @@ import csv
 import io
 import json
 import time
-from datetime import datetime
 from pathlib import Path
 
 import yaml
@@ -131,7 +130,7 @@ def run(cfg: Config) -> dict:
     from cifar_ray.registry import register_run
     from cifar_ray.train import check_storage_writable, resolve_run
 
-    cfg = resolve_run(cfg, default_name=new_experiment_name())
+    cfg = resolve_run(cfg, kind="tune")
     # Tune's trial table and each trial's epoch lines say more than a progress bar per dataset.
     ray.data.DataContext.get_current().enable_progress_bars = False
     experiment_dir = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
@@ -284,10 +283,6 @@ def plot_comparison(rows: list[dict], title: str) -> bytes:
     return buffer.getvalue()
 
 
-def new_experiment_name() -> str:
-    return datetime.now().strftime("tune-%Y%m%d-%H%M%S")
-
-
 def describe(cfg: Config) -> str:
     """What an experiment will do, in the first lines a user sees."""
     t = cfg.tune
@@ -304,7 +299,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     args = parse_args("tune", argv, prog)
 
     def tune() -> None:
-        cfg = resolve_run(config_from_args(args), default_name=new_experiment_name())
+        cfg = resolve_run(config_from_args(args), kind="tune")
         print(describe(cfg), flush=True)
         check_source(cfg.data.data)
         if cfg.tune.search_space:
