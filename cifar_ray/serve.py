@@ -25,7 +25,6 @@ and never takes the replica down (serve_input.py). Prometheus metrics: serve_met
 
 
 import asyncio
-import functools
 import logging
 import os
 import threading
@@ -54,14 +53,9 @@ COMPUTE_THREADS = 2  # batches in flight per replica: one computing while the ne
 # starts: set them for `ray start` or `serve run`; `python -m cifar_ray.serve` sets them.
 FAST_INGRESS_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
 
+PAGE_HTML = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")  # GET /
+
 api = FastAPI(title="cifar-ray", description="CIFAR-10 image classification")
-
-
-# Defined above the deployment: @serve.ingress copies the class with the module globals
-# that exist when it is applied.
-@functools.cache
-def page_html() -> str:
-    return (Path(__file__).parent / "page.html").read_text(encoding="utf-8")
 
 
 @dataclass
@@ -168,7 +162,7 @@ class Classifier:
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> str:
         """A page to try the model in a browser; it calls /predict like any other client."""
-        return page_html()
+        return PAGE_HTML
 
     @api.get("/model-card", response_class=PlainTextResponse)
     async def model_card(self) -> str:
