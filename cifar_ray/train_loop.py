@@ -21,7 +21,6 @@ from cifar_ray.data import DataInfo
 from cifar_ray.progress import format_duration
 
 
-
 def train_loop_per_worker(loop_config: dict, callbacks: tuple = ()) -> keras.Model:
     """Build or restore the model, fit it on this worker's shard, return it.
 

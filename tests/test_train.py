@@ -27,7 +27,7 @@ def test_two_workers_beat_chance(two_worker_run):
 
 
 def tensorboard_events(folder: Path) -> dict:
-    """{tag: [(step, kind)]} of every TensorBoard event file under `folder`."""
+    """{"<writer folder>/<tag>": [steps]} of every TensorBoard event file under `folder`."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     found = {}
