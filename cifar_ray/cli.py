@@ -222,9 +222,11 @@ def quiet_start_up() -> None:
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
     # Ray Train logs every report, whole metrics dict and all, to a logger named by its file.
-    ray_root = importlib.util.find_spec("ray").submodule_search_locations[0]
-    reports = os.path.join(ray_root, "train", "v2", "_internal", "execution", "context.py")
-    logging.getLogger(reports).setLevel(logging.WARNING)
+    ray_spec = importlib.util.find_spec("ray")
+    if ray_spec is not None:
+        reports = os.path.join(ray_spec.submodule_search_locations[0], "train", "v2", "_internal",
+                               "execution", "context.py")
+        logging.getLogger(reports).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # Ray's and TF's own, not a user's
     if "tensorflow" not in sys.modules and not any(isinstance(f, QuietTensorFlowImport) for f in sys.meta_path):
         sys.meta_path.insert(0, QuietTensorFlowImport())

@@ -176,7 +176,9 @@ def two_node_cluster(tmp_path):
     """A Ray head and one worker node, started with `ray start`, token authentication on."""
     temp_dir = Path("/tmp") / f"cr{os.getpid()}"  # short: Ray's socket paths have a length limit
     gcs, dashboard, client = free_ports(3)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(16).hex()}
+    # The job's `python` is this venv's, activated or not.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(16).hex(),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     ray = str(Path(sys.executable).parent / "ray")
     common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
