@@ -1,7 +1,10 @@
-"""Ray Tune: a tiny experiment, its leaderboard and best/, and resuming an interrupted one."""
+"""Ray Tune: a tiny experiment, interrupted and resumed; its leaderboard, best/, tracking and registry."""
 
+import contextlib
 import csv
+import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -42,18 +45,56 @@ def test_trials_fit_the_cluster_and_leave_cpus_for_data():
     assert trial_resources(cfg, cluster_cpus=16) == (4, 1.75)
 
 
+def tune_flags(cfg) -> list[str]:
+    """`python -m cifar_ray.tune` flags for the experiment configured as `cfg`."""
+    t = cfg.tune
+    return ["--preset", "smoke", "--synthetic-size", str(cfg.data.synthetic_size),
+            "--val-fraction", str(cfg.data.val_fraction), "--epochs", str(cfg.train.epochs),
+            "--num-samples", str(t.num_samples), "--scheduler", t.scheduler, "--models", *t.models,
+            "--optimizers", *t.optimizers, "--augments", *t.augments,
+            "--batch-sizes", *map(str, t.batch_sizes), "--lr-range", *map(str, t.lr_range),
+            "--name", cfg.run.name, "--storage-path", cfg.run.storage_path]
+
+
 @pytest.fixture(scope="module")
 def experiment(ray_cluster, tmp_path_factory):
+    """One tiny experiment, interrupted as a user would interrupt it and then resumed: the
+    command is killed once its first trial has finished, and the same experiment is run
+    again (in this process). Returns (cfg, the best trial's summary, what the interrupted
+    run left: {finished trial's epoch checkpoint: its mtime}, what the resumed run printed)."""
     from cifar_ray.tune import run
 
     cfg = PRESETS["smoke"].with_overrides({
         **TINY, "num_samples": 3, "scheduler": "asha", "epochs": 2, "name": "tiny",
         "storage_path": str(tmp_path_factory.mktemp("tune"))})
-    return cfg, run(cfg)
+    trials = Path(cfg.run.storage_path) / cfg.run.name / "trials"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster,
+           "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    first = subprocess.Popen([sys.executable, "-m", "cifar_ray.tune", *tune_flags(cfg)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:  # one trial at a time on 2 CPUs: once the second trial has a folder, the first is done
+        deadline = time.monotonic() + 240
+        while len(list(trials.glob("*"))) < 2 and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.5)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    started = sorted(trials.glob("*"))
+    assert len(started) >= 2, f"the second trial did not start before the deadline: {started}"
+    # Each epoch checkpoint of the finished trials, and when it was written (once, when trained).
+    trained_at = {str(p.relative_to(trials)): p.stat().st_mtime for p in started[:-1]
+                  for p in p.glob("epoch_*/metadata.json")}
+    assert trained_at, "the first trial left no checkpoint"
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        best = run(cfg)
+    return cfg, best, trained_at, printed.getvalue()
 
 
 def test_leaderboard_is_sorted_and_its_top_is_the_best_epoch_of_all_trials(experiment):
-    _, best = experiment
+    _, best, _, _ = experiment
     folder = Path(best["experiment_dir"])
     rows = list(csv.DictReader((folder / "leaderboard.csv").open()))
     assert len(rows) == 3
@@ -70,7 +111,7 @@ def test_best_loads_with_evaluate_and_reproduces_best_json(experiment):
     from cifar_ray.data import load_training_data
     from cifar_ray.evaluate import evaluate_dataset
 
-    cfg, best = experiment
+    cfg, best, _, _ = experiment
     best_dir = Path(best["best_dir"])
     recorded = json.loads((best_dir / "best.json").read_text())
     _, val, _, _ = load_training_data(cfg.data, seed=cfg.train.seed)
@@ -83,7 +124,7 @@ def test_experiment_and_trials_are_tracked_and_the_best_goes_through_the_gate(ex
     from cifar_ray import tracking
     from cifar_ray.registry import Registry
 
-    cfg, best = experiment
+    cfg, best, _, _ = experiment
     uri = tracking.tracking_uri(cfg)
     client = tracking.client(uri)
     (parent,) = client.search_runs([tracking.experiment_id(client, uri)],
@@ -103,28 +144,13 @@ def test_experiment_and_trials_are_tracked_and_the_best_goes_through_the_gate(ex
     assert Registry(uri).champion().tags["run"] == cfg.run.name
 
 
-def test_interrupted_experiment_resumes_without_rerunning_finished_trials(subprocess_env, tmp_path):
-    args = [sys.executable, "-m", "cifar_ray.tune", "--preset", "smoke", "--synthetic-size", "200",
-            "--val-fraction", "0.2", "--epochs", "1", "--num-samples", "2", "--scheduler", "fifo",
-            "--models", "shallow_cnn", "--augments", "none", "--batch-sizes", "64",
-            "--name", "interrupted", "--storage-path", str(tmp_path)]
-    trials = tmp_path / "interrupted" / "trials"
-    first = subprocess.Popen(args, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while not list(trials.glob("*/summary.json")) and time.monotonic() < deadline and first.poll() is None:
-        time.sleep(1)
-    finished = list(trials.glob("*/summary.json"))
-    assert finished, "no trial finished before the deadline"
-    first.send_signal(signal.SIGKILL)
-    first.wait(timeout=60)
-    # A trial's epoch checkpoint is written once, when the epoch is trained.
-    trained_at = {p.parent.name: (p.parent / "epoch_0001" / "metadata.json").stat().st_mtime for p in finished}
-
-    second = subprocess.run(args, env=subprocess_env, capture_output=True, text=True, timeout=400)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resuming experiment" in second.stdout
-    rows = list(csv.DictReader((tmp_path / "interrupted" / "leaderboard.csv").open()))
-    assert len(rows) == 2
-    for trial, mtime in trained_at.items():  # finished epochs were not trained again
-        assert (trials / trial / "epoch_0001" / "metadata.json").stat().st_mtime == mtime
-        assert len((trials / trial / "history.csv").read_text().splitlines()) == 2  # header + 1 epoch
+def test_interrupted_experiment_resumes_without_rerunning_finished_trials(experiment):
+    cfg, best, trained_at, printed = experiment
+    assert "resuming experiment" in printed
+    trials = Path(best["experiment_dir"]) / "trials"
+    rows = list(csv.DictReader((Path(best["experiment_dir"]) / "leaderboard.csv").open()))
+    assert len(rows) == cfg.tune.num_samples
+    finished = {Path(p).parts[0] for p in trained_at}
+    now = {str(p.relative_to(trials)): p.stat().st_mtime for trial in finished
+           for p in (trials / trial).glob("epoch_*/metadata.json")}
+    assert now == trained_at  # no epoch of a finished trial was trained again, nor a new one
