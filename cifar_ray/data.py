@@ -43,6 +43,10 @@ class DataInfo:
     # 12x12 covariance of normalized 2x2 patches: fast_resnet's whitening layer (models.py)
     patch_covariance: Optional[tuple[tuple[float, ...], ...]] = None
 
+    def validation_split(self) -> dict:
+        """The validation split as an audit's model card describes its data."""
+        return {"source": self.source, "split": f"validation split, {self.num_val} images"}
+
 
 # ---------------------------------------------------------------------------------------
 # Sources

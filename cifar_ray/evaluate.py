@@ -51,36 +51,64 @@ def predict_dataset(ds, checkpoint: str, num_actors: int = 1, batch_size: int = 
                           batch_format="numpy")
 
 
-def collect_predictions(ds, errors_kept: int = ERRORS_SHOWN, total: int | None = None):
-    """(labels, probabilities, most confident errors) of a predicted dataset.
+class Collected:
+    """What evaluation keeps of predicted batches: labels and probabilities of every row,
+    images only for the running top `errors_kept` confidently wrong predictions."""
 
-    Only labels and probabilities are kept for every row; images only for the running
-    top `errors_kept` confidently wrong predictions. Progress goes to stderr, towards
-    `total` rows when it is known.
-    """
-    from cifar_ray.progress import Progress
+    def __init__(self, errors_kept: int = ERRORS_SHOWN):
+        self.errors_kept = errors_kept
+        self.labels, self.probabilities, self.worst = [], [], []
+        self.order = itertools.count()  # breaks confidence ties without comparing dicts
 
-    labels, probabilities, worst = [], [], []
-    order = itertools.count()  # breaks confidence ties without comparing dicts
-    progress = Progress("evaluate", total)
-    for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
-        progress.update(len(batch["label"]))
-        labels.append(batch["label"])
-        probabilities.append(batch["probabilities"])
+    def add(self, batch: dict) -> None:
+        self.labels.append(batch["label"])
+        self.probabilities.append(batch["probabilities"])
         predicted = batch["probabilities"].argmax(1)
         confidence = batch["probabilities"].max(1)
         for i in np.flatnonzero(predicted != batch["label"]):
-            item = (float(confidence[i]), next(order),
+            item = (float(confidence[i]), next(self.order),
                     {"image": batch["image"][i], "label": int(batch["label"][i]),
                      "predicted": int(predicted[i]), "confidence": float(confidence[i])})
-            heapq.heappush(worst, item)
-            if len(worst) > errors_kept:
-                heapq.heappop(worst)
+            heapq.heappush(self.worst, item)
+            if len(self.worst) > self.errors_kept:
+                heapq.heappop(self.worst)
+
+    def result(self):
+        """(labels, probabilities, most confident errors first)."""
+        if not self.labels:
+            raise ValueError("the evaluation data has no rows")
+        errors = [e for _, _, e in sorted(self.worst, key=lambda t: -t[0])]
+        return np.concatenate(self.labels), np.concatenate(self.probabilities), errors
+
+
+def collect_predictions(ds, errors_kept: int = ERRORS_SHOWN, total: int | None = None):
+    """(labels, probabilities, most confident errors) of a predicted dataset. Progress goes
+    to stderr, towards `total` rows when it is known."""
+    return collect_parts(ds, 1, errors_kept, total)[0]
+
+
+def collect_parts(ds, num_parts: int, errors_kept: int = ERRORS_SHOWN, total: int | None = None) -> list:
+    """collect_predictions for each part of a dataset whose `part` column (0..num_parts-1)
+    says which dataset a row came from; a dataset without it is one part."""
+    from cifar_ray.progress import Progress
+
+    parts = [Collected(errors_kept) for _ in range(num_parts)]
+    progress = Progress("evaluate", total)
+    for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
+        progress.update(len(batch["label"]))
+        if "part" not in batch:
+            parts[0].add(batch)
+            continue
+        for i, collected in enumerate(parts):
+            rows = batch["part"] == i
+            if rows.any():
+                collected.add({k: v[rows] for k, v in batch.items()})
     progress.close()
-    if not labels:
-        raise ValueError("the evaluation data has no rows")
-    errors = [e for _, _, e in sorted(worst, key=lambda t: -t[0])]
-    return np.concatenate(labels), np.concatenate(probabilities), errors
+    return [collected.result() for collected in parts]
+
+
+def _tag_part(batch: dict, part: int) -> dict:
+    return {"image": batch["image"], "label": batch["label"], "part": np.full(len(batch["label"]), part, np.int8)}
 
 
 def evaluate_dataset(ds, checkpoint: str, data: dict, outs: tuple[str, ...] = (),
@@ -90,10 +118,31 @@ def evaluate_dataset(ds, checkpoint: str, data: dict, outs: tuple[str, ...] = ()
 
     `data` describes what `ds` is, for the model card: {"source": ..., "split": ...}.
     """
+    return evaluate_datasets(checkpoint, [(ds, data, outs)], num_actors, tta, total)[0]
+
+
+def evaluate_datasets(checkpoint: str, parts: list[tuple], num_actors: int = 1, tta: bool = False,
+                      total: int | None = None) -> list[dict]:
+    """evaluate_dataset for each (ds, data, outs) of `parts`, in one pass of one pool of
+    model actors: the checkpoint is loaded once, however many datasets it is scored on
+    (the end of a training run audits on the validation split and scores on the gate's
+    evaluation set)."""
     with local_checkpoint(checkpoint) as directory:
         metadata = read_metadata(directory)
-    predictions = predict_dataset(ds, checkpoint, num_actors, tta=tta)
-    labels, probabilities, errors = collect_predictions(predictions, total=total)
+    datasets = [ds for ds, _, _ in parts]
+    if len(parts) > 1:
+        tagged = [ds.map_batches(_tag_part, fn_kwargs={"part": i}, batch_format="numpy")
+                  for i, ds in enumerate(datasets)]
+        datasets = [tagged[0].union(*tagged[1:])]
+    predictions = predict_dataset(datasets[0], checkpoint, num_actors, tta=tta)
+    collected = collect_parts(predictions, len(parts), total=total)
+    return [audit(checkpoint, metadata, data, outs, tta, *result)
+            for (_, data, outs), result in zip(parts, collected)]
+
+
+def audit(checkpoint: str, metadata: dict, data: dict, outs: tuple[str, ...], tta: bool,
+          labels: np.ndarray, probabilities: np.ndarray, errors: list) -> dict:
+    """The metrics of one evaluated dataset; with `outs`, the audit's files in each folder."""
     class_names = metadata["class_names"]
     metrics = report.compute_metrics(labels, probabilities, class_names)
     result = {"checkpoint": checkpoint, "data": data, "tta": tta, **metrics}

@@ -144,10 +144,18 @@ def write_eval_set(ds, folder: Path) -> None:
 
 
 def score(checkpoint: str, eval_set: EvalSet) -> Scores:
-    from cifar_ray.evaluate import evaluate_dataset
+    return audit_and_score(checkpoint, eval_set, audit=None)[1]
 
-    metrics = evaluate_dataset(eval_set.dataset, checkpoint, {"source": eval_set.description, "split": "all rows"})
-    return Scores.from_metrics(eval_set.fingerprint, metrics)
+
+def audit_and_score(checkpoint: str, eval_set: EvalSet, audit: tuple | None) -> tuple[dict | None, Scores]:
+    """(the audit's metrics, the gate's scores): `audit` is evaluate_dataset's (ds, data,
+    outs) for the checkpoint's own audit, done in the same model pass as the scoring."""
+    from cifar_ray.evaluate import evaluate_datasets
+
+    scoring = (eval_set.dataset, {"source": eval_set.description, "split": "all rows"}, ())
+    parts = [audit, scoring] if audit else [scoring]
+    *audited, scored = evaluate_datasets(checkpoint, parts, total=sum(ds.count() for ds, _, _ in parts))
+    return (audited[0] if audited else None), Scores.from_metrics(eval_set.fingerprint, scored)
 
 
 def champion_scores(registry: Registry, champion, eval_set: EvalSet) -> Scores | None:

@@ -26,8 +26,8 @@ from pathlib import Path
 from cifar_ray import tracking
 from cifar_ray.cli import first_line
 from cifar_ray.config import CHAMPION, REGISTERED_MODEL, Config, RegistryConfig
-from cifar_ray.gate import (Decision, EvalSet, RegistryError, Scores, champion_scores, choose_eval_set, decide,
-                            judge, score, write_eval_set)
+from cifar_ray.gate import (Decision, EvalSet, RegistryError, Scores, audit_and_score, champion_scores,
+                            choose_eval_set, decide, judge, score, write_eval_set)
 
 HISTORY_TAG = "champion_history"  # on the registered model: versions that held the alias, in order
 EVAL_SET_ARTIFACT = "eval_set"
@@ -129,8 +129,9 @@ def now() -> str:
 # ---------------------------------------------------------------------------------------
 
 def register(registry: Registry, cfg: RegistryConfig, run_id: str, checkpoint: str, eval_set: EvalSet,
-             tags: dict) -> dict:
-    """Make `checkpoint` a new version, scored on `eval_set`, and let the gate decide on it.
+             tags: dict, candidate: Scores | None = None) -> dict:
+    """Make `checkpoint` a new version, scored on `eval_set` (unless `candidate` holds its
+    scores there already), and let the gate decide on it.
 
     Returns what summary.json records: version, decision, reason, scores and the champion.
     """
@@ -138,7 +139,7 @@ def register(registry: Registry, cfg: RegistryConfig, run_id: str, checkpoint: s
 
     registry.ensure_model()
     champion = registry.champion()
-    candidate = score(checkpoint, eval_set)
+    candidate = candidate or score(checkpoint, eval_set)
     incumbent = champion_scores(registry, champion, eval_set)
     decision = decide(cfg.promote, candidate, incumbent, cfg)
 
@@ -179,26 +180,43 @@ def format_outcome(o: dict) -> str:
             f"  evaluation set: {o['eval_set']['description']} [{o['eval_set']['fingerprint']}]")
 
 
-def register_run(cfg: Config, run_id: str, checkpoint: str, holdout, info, run_dir: str) -> dict:
+def register_run(cfg: Config, run_id: str, checkpoint: str, holdout, info, run_dir: str,
+                 audit: tuple | None = None) -> tuple[dict | None, dict]:
     """The end of a train or Tune run: register its best checkpoint through the gate.
 
-    A registry that cannot be reached costs no work: the checkpoints stay where they are,
-    and the error says how to register them later.
+    `audit` is evaluate_dataset's (ds, data, outs) for the checkpoint's own audit, done in
+    the same model pass as the gate's scoring, before the checkpoint is copied into the
+    registry, so the version carries it. Returns (the audit's metrics, the registry's
+    outcome). A registry that cannot be reached costs no work: the audit is still written,
+    the checkpoints stay where they are, and the error says how to register them later.
     """
+    from cifar_ray.evaluate import evaluate_dataset
+
     uri = tracking.tracking_uri(cfg)
     try:
         registry = Registry(uri)
         eval_set = choose_eval_set(registry, cfg.registry, registry.champion(), holdout, info.source)
-        tags = {"run": cfg.run.name, "run_dir": run_dir, "git_commit": tracking.git_commit(),
-                "data_source": info.source, "data_fingerprint": info.fingerprint, "model": cfg.model.model}
-        return register(registry, cfg.registry, run_id, checkpoint, eval_set, tags)
-    except RegistryError:
-        raise
     except Exception as e:
-        raise tracking.TrackingUnavailable(
-            f"cannot register the model in {uri} ({first_line(e)}); the run's checkpoints are kept in "
-            f"{run_dir}; register the best later with: python -m cifar_ray.registry register {checkpoint} "
-            f"--tracking-uri {uri}") from None
+        if audit:
+            evaluate_dataset(audit[0], checkpoint, *audit[1:])
+        raise _registration_failed(e, uri, run_dir, checkpoint) from None
+    audited, candidate = audit_and_score(checkpoint, eval_set, audit)
+    tags = {"run": cfg.run.name, "run_dir": run_dir, "git_commit": tracking.git_commit(),
+            "data_source": info.source, "data_fingerprint": info.fingerprint, "model": cfg.model.model}
+    try:
+        return audited, register(registry, cfg.registry, run_id, checkpoint, eval_set, tags, candidate)
+    except Exception as e:
+        raise _registration_failed(e, uri, run_dir, checkpoint) from None
+
+
+def _registration_failed(error: Exception, uri: str, run_dir: str, checkpoint: str) -> Exception:
+    """A RegistryError as it is; anything else means the store failed: say how to register later."""
+    if isinstance(error, RegistryError):
+        return error
+    return tracking.TrackingUnavailable(
+        f"cannot register the model in {uri} ({first_line(error)}); the run's checkpoints are kept in "
+        f"{run_dir}; register the best later with: python -m cifar_ray.registry register {checkpoint} "
+        f"--tracking-uri {uri}")
 
 
 # ---------------------------------------------------------------------------------------

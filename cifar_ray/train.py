@@ -75,26 +75,31 @@ def run(cfg: Config, train_loop=None) -> dict:
         trainer = make_trainer(cfg, train, val, info, train_loop, callbacks=(tracking.EpochLogger(uri, run_id),))
         result = fit_or_explain(trainer, cfg)
         summary = write_run_outputs(cfg, result, wall_time_s=time.perf_counter() - started)
-        audit_best_checkpoint(summary, val, info)
-        register_best(cfg, run_id, summary, holdout, info)
+        audit = audit_and_register_best(cfg, run_id, summary, val, holdout, info)
+        log_audit_to_tensorboard(summary, audit)
         tracking.log_outputs(uri, run_id, summary["run_dir"])
     return summary
 
 
-def register_best(cfg: Config, run_id: str, summary: dict, holdout, info: DataInfo) -> None:
-    """The registry's decision on the best checkpoint, into `summary` and summary.json; a
-    registry that cannot be reached is recorded there too, and its error raised."""
+def audit_and_register_best(cfg: Config, run_id: str, summary: dict, val, holdout, info: DataInfo) -> dict:
+    """Audit the best checkpoint on the validation split (metrics, figures, MODEL_CARD.md,
+    into the run folder and the checkpoint itself, so the model carries it) and register it
+    through the gate: one model pass for both. The registry's decision goes into `summary`
+    and summary.json; a registry that cannot be reached is recorded there too, and its
+    error raised. Returns the audit's metrics."""
     from cifar_ray.registry import register_run
     from cifar_ray.tracking import TrackingUnavailable
 
+    best = summary["best_checkpoint"]
     try:
-        summary["registry"] = register_run(cfg, run_id, summary["best_checkpoint"], holdout, info,
-                                           summary["run_dir"])
+        audit, summary["registry"] = register_run(cfg, run_id, best, holdout, info, summary["run_dir"],
+                                                  audit=(val, info.validation_split(), (summary["run_dir"], best)))
     except TrackingUnavailable as e:
         summary["registry"] = {"error": str(e)}
         raise
     finally:
         write_summary(summary)
+    return audit
 
 
 def fit_or_explain(trainer, cfg: Config):
@@ -160,19 +165,6 @@ def make_trainer(cfg: Config, train, val, info: DataInfo, train_loop=None,
         ),
         datasets={"train": add_augmentation(train, cfg.data.augment), "val": val},
     )
-
-
-def audit_best_checkpoint(summary: dict, val, info: DataInfo) -> None:
-    """Evaluate the best checkpoint on the validation split: metrics, figures, MODEL_CARD.md.
-
-    Written into the run folder and into the checkpoint itself, so the model carries it.
-    """
-    from cifar_ray.evaluate import evaluate_dataset
-
-    data = {"source": info.source, "split": f"validation split, {info.num_val} images"}
-    audit = evaluate_dataset(val, summary["best_checkpoint"], data,
-                             outs=(summary["run_dir"], summary["best_checkpoint"]), total=info.num_val)
-    log_audit_to_tensorboard(summary, audit)
 
 
 def log_audit_to_tensorboard(summary: dict, audit: dict) -> None:

@@ -171,8 +171,10 @@ def run(cfg: Config) -> dict:
         results = tuner.fit()
         tracking.close_trial_runs(uri, run_id, {r.metrics.get("trial_id"): r.error is not None for r in results
                                                 if r.metrics})
-        best = write_experiment_outputs(cfg, experiment_dir, results, val, info)
-        best["registry"] = register_run(cfg, run_id, best["best_dir"], holdout, info, experiment_dir)
+        best = write_experiment_outputs(cfg, experiment_dir, results)
+        # The winner's audit (it carries it, as a train run's best checkpoint does), then the gate.
+        _, best["registry"] = register_run(cfg, run_id, best["best_dir"], holdout, info, experiment_dir,
+                                           audit=(val, info.validation_split(), (best["best_dir"],)))
         summary = {k: v for k, v in best.items() if k != "leaderboard"}
         write_file(experiment_dir, "summary.json", json.dumps(summary, indent=2).encode())
         tracking.log_outputs(uri, run_id, experiment_dir)
@@ -211,10 +213,9 @@ def leaderboard_rows(cfg: Config, results) -> list[dict]:
     return sorted(rows, key=lambda r: -r["best_val_accuracy"])
 
 
-def write_experiment_outputs(cfg: Config, experiment_dir: str, results, val, info: DataInfo) -> dict:
-    """leaderboard.csv/.md, comparison.png, best/ (with best.json and its audit)."""
+def write_experiment_outputs(cfg: Config, experiment_dir: str, results) -> dict:
+    """leaderboard.csv/.md, comparison.png, best/ (the winner's checkpoint, with best.json)."""
     from cifar_ray.checkpoint import best_checkpoint_in, copy_checkpoint, read_file, write_file
-    from cifar_ray.evaluate import evaluate_dataset
 
     rows = leaderboard_rows(cfg, results)
     if not rows:
@@ -235,8 +236,6 @@ def write_experiment_outputs(cfg: Config, experiment_dir: str, results, val, inf
             "best_val_accuracy": metadata["metrics"][SCORE_METRIC], "best_epoch": metadata["epoch"],
             "metrics": metadata["metrics"]}
     write_file(best_dir, "best.json", json.dumps(best, indent=2).encode())
-    evaluate_dataset(val, best_dir, {"source": info.source, "split": f"validation split, {info.num_val} images"},
-                     outs=(best_dir,), total=info.num_val)
     print("\n" + table, flush=True)
     return {**best, "experiment_dir": experiment_dir, "best_dir": best_dir, "leaderboard": rows}
 

@@ -280,20 +280,30 @@ def test_serve_config_defaults_to_the_champion_and_a_path_still_works(tmp_path, 
     assert serve_config_from_args({}) == (replace(Config().serve, checkpoint=str(tmp_path)), None)
 
 
-def test_an_unreachable_registry_at_the_end_of_training_keeps_the_work_and_says_how_to_register(tmp_path):
+def test_an_unreachable_registry_at_the_end_of_training_keeps_the_work_and_says_how_to_register(
+        two_worker_run, tmp_path):
     import json
+
+    import ray.data
 
     from cifar_ray.data import DataInfo
     from cifar_ray.tracking import TrackingUnavailable
-    from cifar_ray.train import register_best
+    from cifar_ray.train import audit_and_register_best
 
     cfg = Config().with_overrides({"name": "offline", "tracking_uri": "http://127.0.0.1:9"})
-    info = DataInfo(source="synthetic", num_train=1, num_val=1, mean=(0.5,) * 3, std=(0.2,) * 3)
+    info = DataInfo(source="synthetic", num_train=1, num_val=8, mean=(0.5,) * 3, std=(0.2,) * 3)
     checkpoint = tmp_path / "offline" / "epoch_0001"
+    shutil.copytree(two_worker_run[1]["best_checkpoint"], checkpoint)
+    images, labels = make_images(8, seed=3)
+    val = ray.data.from_items([{"image": x, "label": int(y)} for x, y in zip(images, labels)])
     summary = {"run_dir": str(tmp_path / "offline"), "best_checkpoint": str(checkpoint)}
     with pytest.raises(TrackingUnavailable) as error:
-        register_best(cfg, "run-id", summary, None, info)
+        audit_and_register_best(cfg, "run-id", summary, val, None, info)
     message = str(error.value)
     assert f"checkpoints are kept in {tmp_path / 'offline'}" in message
     assert f"python -m cifar_ray.registry register {checkpoint} --tracking-uri http://127.0.0.1:9" in message
     assert json.loads((tmp_path / "offline" / "summary.json").read_text())["registry"] == {"error": message}
+    # The audit needs no registry: the checkpoint carries it, ready to be registered later.
+    for folder in (checkpoint, tmp_path / "offline"):
+        assert json.loads((folder / "metrics.json").read_text())["examples"] == 8
+        assert (folder / "MODEL_CARD.md").is_file()
