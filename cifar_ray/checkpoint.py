@@ -5,14 +5,19 @@
                       The model normalizes its own input (see models.py).
       metadata.json   format version, model name, class names, input shape,
                       normalization constants, full training config, epoch, metrics,
-                      per-epoch history, data source and sizes, library versions.
+                      per-epoch history, data source and sizes, library versions, and
+                      the SHA-256 of model.keras.
 
-Models load with Keras `safe_mode=True`: nothing is unpickled.
+Loading checks model.keras against its SHA-256, so a truncated or altered model file is
+refused, even one that is still a valid archive. Models load with Keras `safe_mode=True`:
+nothing is unpickled.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -59,10 +64,20 @@ def make_metadata(cfg, info, *, epoch: int, metrics: dict, history: list[dict]) 
 
 
 def save_checkpoint(directory: str | Path, model, metadata: dict) -> None:
+    """model.keras, then metadata.json with the model file's SHA-256."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save(directory / MODEL_FILE)
+    metadata = {**metadata, "model_sha256": file_sha256(directory / MODEL_FILE)}
     (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_metadata(directory: str | Path) -> dict:
@@ -88,6 +103,10 @@ def load_checkpoint(directory: str | Path, compile: bool = True):
     model_path = Path(directory) / MODEL_FILE
     if not model_path.is_file():
         raise CheckpointError(f"{directory}: {MODEL_FILE} is missing")
+    expected = metadata.get("model_sha256")  # absent only in checkpoints saved before it was recorded
+    if expected and file_sha256(model_path) != expected:
+        raise CheckpointError(f"{model_path}: cannot be loaded: it does not match the SHA-256 that "
+                              f"{METADATA_FILE} recorded when it was saved (damaged or changed since)")
     try:
         model = keras.models.load_model(model_path, compile=compile, safe_mode=True)
     except Exception as e:  # Keras raises many types for a damaged archive
@@ -114,15 +133,32 @@ def local_checkpoint(path_or_uri: str) -> Iterator[Path]:
 
 
 def write_file(directory: str, name: str, data: bytes) -> None:
-    """Write into a local folder or a URI (s3://, gs://) alike, creating the folder."""
+    """Write into a local folder or a URI (s3://, gs://) alike, creating the folder.
+
+    A reader never sees half a file: locally the bytes go to a hidden file beside it, which
+    is then renamed over it (an interrupted write leaves the old file as it was); an object
+    store's upload appears whole or not at all.
+    """
     import pyarrow.fs
 
     if "://" not in directory:
         directory = str(Path(directory).resolve())
     fs, path = pyarrow.fs.FileSystem.from_uri(directory)
     fs.create_dir(path, recursive=True)
-    with fs.open_output_stream(f"{path.rstrip('/')}/{name}") as out:
-        out.write(data)
+    final = f"{path.rstrip('/')}/{name}"
+    if not isinstance(fs, pyarrow.fs.LocalFileSystem):
+        with fs.open_output_stream(final) as out:
+            out.write(data)
+        return
+    aside = f"{path.rstrip('/')}/.{name}.{os.getpid()}.tmp"
+    try:
+        with fs.open_output_stream(aside) as out:
+            out.write(data)
+        fs.move(aside, final)
+    except BaseException:
+        if fs.get_file_info(aside).type != pyarrow.fs.FileType.NotFound:
+            fs.delete_file(aside)
+        raise
 
 
 def copy_checkpoint(source: str, destination: str) -> None:

@@ -111,3 +111,16 @@ def two_worker_run(ray_cluster, tmp_path_factory):
     # Train may then prune the epoch that was best.
     best = shutil.copytree(summary["best_checkpoint"], root / "best-checkpoint")
     return cfg, {**summary, "best_checkpoint": str(best)}, root
+
+
+def alter_one_weight(checkpoint: Path) -> None:
+    """Change one number of one weight in the checkpoint's model.keras, and save it again:
+    still a valid Keras archive, with the metadata.json of the original."""
+    import keras
+
+    model = keras.models.load_model(checkpoint / "model.keras", compile=False, safe_mode=True)
+    weights = model.get_weights()
+    weights[0].flat[0] += 1.0
+    model.set_weights(weights)
+    model.save(checkpoint / "model.keras")
+

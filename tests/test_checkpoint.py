@@ -5,10 +5,13 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from cifar_ray.checkpoint import METADATA_FILE, MODEL_FILE, CheckpointError, load_checkpoint
+from cifar_ray.checkpoint import (METADATA_FILE, MODEL_FILE, CheckpointError, file_sha256, load_checkpoint,
+                                  read_metadata, write_file)
+from conftest import alter_one_weight
 
 
 def damage(checkpoint, kind: str, tmp_path):
@@ -26,6 +29,9 @@ def damage(checkpoint, kind: str, tmp_path):
         data = (copy / MODEL_FILE).read_bytes()
         (copy / MODEL_FILE).write_bytes(data[: len(data) // 2])  # a half-written upload
         return copy, "cannot be loaded"
+    if kind == "altered model":  # a valid archive that loads, but not the model that was saved
+        alter_one_weight(copy)
+        return copy, "does not match the SHA-256"
     if kind == "missing metadata":
         (copy / METADATA_FILE).unlink()
         return copy, "not a cifar-ray checkpoint"
@@ -35,7 +41,8 @@ def damage(checkpoint, kind: str, tmp_path):
     raise ValueError(kind)
 
 
-KINDS = ["incompatible version", "missing model", "corrupt model", "missing metadata", "corrupt metadata"]
+KINDS = ["incompatible version", "missing model", "corrupt model", "altered model", "missing metadata",
+         "corrupt metadata"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -47,7 +54,7 @@ def test_damaged_checkpoint_raises_checkpoint_error(two_worker_run, tmp_path, ki
 
 
 @pytest.mark.parametrize("stage", ["evaluate", "predict"])
-@pytest.mark.parametrize("kind", ["incompatible version", "missing model", "corrupt model"])
+@pytest.mark.parametrize("kind", ["incompatible version", "missing model", "corrupt model", "altered model"])
 def test_cli_reports_a_damaged_checkpoint_in_one_line(two_worker_run, tmp_path, capsys, stage, kind):
     """The command's own main(), in this process: no TensorFlow import to pay per case
     (test_checkpoint_cli_in_a_subprocess_fails_in_one_line runs one as a real process)."""
@@ -83,5 +90,25 @@ def test_models_load_in_safe_mode(two_worker_run, tmp_path):
     shutil.copytree(summary["best_checkpoint"], path)
     inputs = keras.Input((32, 32, 3))
     keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2)(inputs)).save(path / MODEL_FILE)
+    # with a metadata.json rewritten to match, as one who replaced the file on purpose would
+    metadata = json.loads((path / METADATA_FILE).read_text())
+    (path / METADATA_FILE).write_text(json.dumps({**metadata, "model_sha256": file_sha256(path / MODEL_FILE)}))
     with pytest.raises(CheckpointError, match="safe_mode"):
         load_checkpoint(path)
+
+
+def test_checkpoints_record_their_model_files_sha256(two_worker_run):
+    _, summary, _ = two_worker_run
+    checkpoint = Path(summary["best_checkpoint"])
+    assert read_metadata(checkpoint)["model_sha256"] == file_sha256(checkpoint / MODEL_FILE)
+
+
+def test_an_interrupted_write_leaves_the_old_file_whole_and_no_debris(tmp_path):
+    write_file(str(tmp_path), "summary.json", b'{"epochs": 1}')
+    write_file(str(tmp_path), "summary.json", b'{"epochs": 2}')
+    assert (tmp_path / "summary.json").read_bytes() == b'{"epochs": 2}'
+    with pytest.raises(TypeError):  # fails inside the write, after the file was opened
+        write_file(str(tmp_path), "summary.json", object())
+    assert (tmp_path / "summary.json").read_bytes() == b'{"epochs": 2}'
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+

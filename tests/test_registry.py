@@ -13,7 +13,7 @@ import requests
 from cifar_ray.config import CLASS_NAMES, Config, RegistryConfig
 from cifar_ray.gate import Decision, Scores, decide, judge
 from cifar_ray.registry import Registry, RegistryError, promote, rollback
-from conftest import make_images
+from conftest import alter_one_weight, make_images
 
 GATE = RegistryConfig(min_improvement=0.01, max_class_drop=0.05)
 
@@ -238,15 +238,16 @@ def test_serve_follows_the_champion_through_promote_rollback_and_a_broken_versio
         assert "from version 2 to version 1" in cli("rollback")
         wait_for(lambda: served_version() == "1", timeout=30)
 
-        # a version whose model file is damaged: version 1 keeps serving, /healthz says why
+        # a version whose model file was altered (a valid archive, other weights): version 1
+        # keeps serving, /healthz says why
         registry = Registry(uri)
         broken = tmp_path / "broken"
         shutil.copytree(registry.download(registry.version("1"), str(tmp_path / "v1")), broken)
-        (broken / "model.keras").write_bytes((broken / "model.keras").read_bytes()[:1000])
+        alter_one_weight(broken)
         registry.client.create_model_version(registry.name, source=broken.as_uri(), tags={"run": "broken"})
         cli("promote", "3", "--force")
         health = wait_for(lambda: requests.get(f"{url}/healthz", timeout=30).json().get("warning"), timeout=30)
-        assert "version 3" in health and "still serving version 1" in health
+        assert "version 3" in health and "still serving version 1" in health and "SHA-256" in health
         assert served_version() == "1"
         cli("rollback")
         wait_for(lambda: "warning" not in requests.get(f"{url}/healthz", timeout=30).json(), timeout=30)
