@@ -21,7 +21,6 @@ from typing import Callable
 
 from cifar_ray.config import add_config_flags, add_field_flags
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError)
 
 STAGES = {
     "train": "train a model on a Ray cluster (Ray Train, data-parallel Keras)",
@@ -53,12 +52,20 @@ QUIET_LOGGERS = {
 QUIET_FLAG = "CIFAR_RAY_QUIET"  # set by parse_args unless --verbose
 
 
+class ClusterUnreachable(ConnectionError):
+    """The Ray cluster this stage was told to join cannot be reached."""
+
+
 class TrainingFailed(RuntimeError):
     """Training stopped after --max-failures restarts; its checkpoints are kept.
 
     Defined here, not in train.py: under `python -m cifar_ray.train` that module is
     __main__, and its classes would not match the ones this module checks for.
     """
+
+
+# What a user can act on: printed as one line, exit status 2 (run_cli).
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, ClusterUnreachable)
 
 
 # ---------------------------------------------------------------------------------------
@@ -248,9 +255,15 @@ def init_ray() -> None:
     """
     import ray
 
-    if not ray.is_initialized():
-        quiet = {"worker_process_setup_hook": "cifar_ray.cli.quiet_start_up"}
+    if ray.is_initialized():
+        return
+    quiet = {"worker_process_setup_hook": "cifar_ray.cli.quiet_start_up"}
+    try:
         ray.init(logging_level="WARNING", runtime_env=quiet if is_quiet() else None)
+    except ConnectionError as e:  # RAY_ADDRESS names a cluster that is not there
+        raise ClusterUnreachable(
+            f"cannot join the Ray cluster at RAY_ADDRESS={os.environ.get('RAY_ADDRESS', '')} ({first_line(e)}); "
+            "start it (`ray start --head`), or unset RAY_ADDRESS to start a local one") from None
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:
