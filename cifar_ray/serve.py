@@ -17,6 +17,10 @@ Endpoints (OpenAPI docs at /docs):
     GET  /metadata       class names, model, training metrics, data source, model card
     GET  /model-card     the served model's MODEL_CARD.md
 
+With CIFAR_RAY_API_TOKEN set on the nodes, /predict, /predict/json, /metadata and
+/model-card answer 401 unless the request carries `Authorization: Bearer <token>`; the page
+and /healthz (for probes) stay open.
+
 Concurrent requests share one model call through `@serve.batch`; `user_config` in
 serve_config.yaml sets the batch size and wait live (`reconfigure`). Decoding and model
 calls run on compute threads, off the replica's event loop. Bad input gets a 4xx JSON error
@@ -25,6 +29,7 @@ and never takes the replica down (serve_input.py). Prometheus metrics: serve_met
 
 
 import asyncio
+import hmac
 import logging
 import os
 import threading
@@ -46,6 +51,9 @@ from cifar_ray.serve_metrics import CountAnswers, ServeMetrics
 
 logger = logging.getLogger("ray.serve")
 CHECKPOINT_ENV = "CIFAR_RAY_CHECKPOINT"
+# Set on every node (a Kubernetes Secret in cluster/kuberay/rayservice.yaml) to require
+# `Authorization: Bearer <token>` on the prediction and metadata routes; /healthz stays open.
+TOKEN_ENV = "CIFAR_RAY_API_TOKEN"
 COMPUTE_THREADS = 2  # batches in flight per replica: one computing while the next one forms
 # Ray Serve's HAProxy ingress: HAProxy hands each HTTP request straight to the replica's own
 # HTTP server, where Ray's default Python proxy actor relays it, body included, through
@@ -74,6 +82,7 @@ api.add_middleware(CountAnswers)
 class Classifier:
     def __init__(self, cfg: dict, tracking_uri: str | None = None):
         self.cfg = ServeConfig(**cfg)
+        self.token = os.environ.get(TOKEN_ENV) or None
         self.metrics = api.state.metrics = ServeMetrics()
         # Decoding and model calls run on these threads, never on the replica's event loop:
         # while one batch computes, the loop keeps reading requests and forming the next.
@@ -139,6 +148,7 @@ class Classifier:
     @api.post("/predict")
     async def predict(self, request: Request, top_k: int | None = Query(None, ge=1, le=10)) -> dict:
         """Classify one image, uploaded as multipart form field `file` or as raw bytes."""
+        self._require_token(request)
         self._require_ready()
         start = time.perf_counter()
         data = await read_image_bytes(request, self.cfg.max_body_bytes)
@@ -150,6 +160,7 @@ class Classifier:
     @api.post("/predict/json")
     async def predict_json(self, request: Request, top_k: int | None = Query(None, ge=1, le=10)) -> Any:
         """Classify `{"image": HxWx3 lists}` (one answer) or `{"images": [...]}` (a list)."""
+        self._require_token(request)
         self._require_ready()
         start = time.perf_counter()
         body = await read_body(request, self.cfg.max_body_bytes)
@@ -165,8 +176,9 @@ class Classifier:
         return PAGE_HTML
 
     @api.get("/model-card", response_class=PlainTextResponse)
-    async def model_card(self) -> str:
+    async def model_card(self, request: Request) -> str:
         """The served model's MODEL_CARD.md (Markdown): data, metrics per class, limits."""
+        self._require_token(request)
         self._require_ready()
         if not self.live.current.model_card:
             raise HTTPException(404, "this model's checkpoint carries no MODEL_CARD.md")
@@ -183,7 +195,8 @@ class Classifier:
         return {**health, "warning": self.live.error} if self.live.error else health
 
     @api.get("/metadata")
-    async def get_metadata(self) -> dict:
+    async def get_metadata(self, request: Request) -> dict:
+        self._require_token(request)
         self._require_ready()
         model = self.live.current
         m = model.metadata
@@ -193,6 +206,15 @@ class Classifier:
                 "data": m["data"], "config": m["config"], "versions": m["versions"], "evaluation": model.audit}
 
     # --- helpers ------------------------------------------------------------------------
+
+    def _require_token(self, request: Request) -> None:
+        """401, before anything is read or computed, unless the request carries the API token
+        (when one is set). Compared in constant time."""
+        if self.token is None:
+            return
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, f"Bearer {self.token}".encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     def _require_ready(self) -> None:
         if self.live.current is None:

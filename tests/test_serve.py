@@ -348,6 +348,43 @@ def test_overload_gets_a_fast_503_with_retry_after_and_the_rest_their_answer(end
         serve.delete("cifar-overload")
 
 
+def test_with_an_api_token_only_requests_that_carry_it_are_answered(endpoint):
+    """CIFAR_RAY_API_TOKEN on the replica: no or a wrong bearer token is a 401 before the
+    body is even read (an unsupported type is 401, not 415); /healthz and the page stay open."""
+    from dataclasses import asdict
+
+    from ray import serve
+
+    from cifar_ray.serve import TOKEN_ENV, Classifier, serve_config_from_args
+
+    url, checkpoint = endpoint
+    cfg, _ = serve_config_from_args({"checkpoint": checkpoint})
+    serve.run(Classifier.options(ray_actor_options={"num_cpus": 0,
+                                                    "runtime_env": {"env_vars": {TOKEN_ENV: "s3cret-token"}}})
+              .bind(asdict(cfg)), name="cifar-auth", route_prefix="/auth")
+    try:
+        body = encode(make_images(1)[0][0], "JPEG")
+
+        def post(headers: dict, content_type: str = "image/jpeg") -> requests.Response:
+            return requests.post(f"{url}/auth/predict", data=body, timeout=30,
+                                 headers={"content-type": content_type, **headers})
+
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret-token"}):
+            answer = post(headers)
+            assert answer.status_code == 401 and answer.headers["www-authenticate"] == "Bearer", headers
+        assert post({}, content_type="text/plain").status_code == 401
+        for route in ("/metadata", "/model-card"):
+            assert requests.get(f"{url}/auth{route}", timeout=30).status_code == 401
+        good = {"authorization": "Bearer s3cret-token"}
+        assert post(good).status_code == 200
+        assert requests.get(f"{url}/auth/metadata", headers=good, timeout=30).status_code == 200
+        assert requests.get(f"{url}/auth/healthz", timeout=30).status_code == 200
+        assert requests.get(f"{url}/auth/", timeout=30).status_code == 200
+        assert post({}).json() == {"detail": "missing or wrong bearer token"}  # and nothing more
+    finally:
+        serve.delete("cifar-auth")
+
+
 def test_a_client_that_trickles_its_body_is_cut_off_at_the_request_timeout(endpoint):
     """A client declaring 100 kB and sending a byte every 0.2 s gets a 408 after
     request_timeout_s, not a request held open for as long as it likes."""
