@@ -71,20 +71,24 @@ def experiment(ray_cluster, tmp_path_factory):
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster,
            "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+    def trial_folders() -> list[Path]:
+        return sorted(p for p in trials.glob("*") if p.is_dir())
+
     first = subprocess.Popen([sys.executable, "-m", "cifar_ray.tune", *tune_flags(cfg)], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:  # one trial at a time on 2 CPUs: once the second trial has a folder, the first is done
         deadline = time.monotonic() + 240
-        while len(list(trials.glob("*"))) < 2 and time.monotonic() < deadline and first.poll() is None:
+        while len(trial_folders()) < 2 and time.monotonic() < deadline and first.poll() is None:
             time.sleep(0.5)
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=60)
-    started = sorted(trials.glob("*"))
+    started = trial_folders()
     assert len(started) >= 2, f"the second trial did not start before the deadline: {started}"
     # Each epoch checkpoint of the finished trials, and when it was written (once, when trained).
-    trained_at = {str(p.relative_to(trials)): p.stat().st_mtime for p in started[:-1]
-                  for p in p.glob("epoch_*/metadata.json")}
+    trained_at = {str(epoch.relative_to(trials)): epoch.stat().st_mtime for trial in started[:-1]
+                  for epoch in trial.glob("epoch_*/metadata.json")}
     assert trained_at, "the first trial left no checkpoint"
 
     printed = io.StringIO()
