@@ -234,12 +234,14 @@ MAX_IMAGE_PIXELS = 4096 * 4096  # larger headers are refused before decoding (bo
 
 
 def decode_image(data: bytes, resize: bool = False) -> np.ndarray:
-    """PNG/JPEG/... bytes -> uint8 32x32x3 RGB. Grayscale and RGBA become RGB.
+    """PNG/JPEG/... bytes -> uint8 32x32x3 RGB, as a browser would show the image: turned
+    upright by its EXIF orientation; grayscale, 16-bit, RGBA, CMYK and palette images become
+    8-bit RGB; an animated image gives its first frame.
 
-    Training data must already be 32x32; serving (`resize=True`) scales other sizes down.
+    Training data must already be 32x32; serving (`resize=True`) scales other sizes.
     The size is read from the header first, so a decompression bomb is never decoded.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
         raise DataSourceError("empty image")
@@ -250,6 +252,9 @@ def decode_image(data: bytes, resize: bool = False) -> np.ndarray:
                 raise DataSourceError(f"image is {width}x{height}, over the {MAX_IMAGE_PIXELS} pixel limit")
             if (width, height) != IMAGE_SHAPE[:2] and not resize:
                 raise DataSourceError(f"image is {width}x{height}, expected 32x32")
+            img = ImageOps.exif_transpose(img)
+            if img.mode == "I" or img.mode.startswith("I;16"):  # 16-bit grayscale: its top 8 bits
+                img = Image.fromarray(np.clip(np.asarray(img, dtype=np.int64) >> 8, 0, 255).astype(np.uint8))
             img = img.convert("RGB")
             if img.size != IMAGE_SHAPE[:2]:
                 img = img.resize(IMAGE_SHAPE[:2], Image.Resampling.BILINEAR)

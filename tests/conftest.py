@@ -124,3 +124,32 @@ def alter_one_weight(checkpoint: Path) -> None:
     model.set_weights(weights)
     model.save(checkpoint / "model.keras")
 
+
+def unusual_images() -> dict[str, tuple[bytes, np.ndarray]]:
+    """Images a user may upload that are not 8-bit RGB 32x32: {kind: (file bytes, the 32x32x3
+    uint8 pixels they must decode to)}."""
+    from PIL import Image
+
+    def saved(img, fmt: str, **kwargs) -> bytes:
+        buffer = io.BytesIO()
+        img.save(buffer, format=fmt, **kwargs)
+        return buffer.getvalue()
+
+    image = make_images(1, seed=21)[0][0]
+    gray = image[..., 0]
+    sixteen_bit = gray.astype(np.uint16) * 256 + 3  # the top 8 bits are `gray`
+    upright = image
+    stored = np.ascontiguousarray(np.rot90(upright, k=1))  # EXIF 6: the viewer turns it 90° clockwise
+    exif = Image.new("RGB", (1, 1)).getexif()
+    exif[0x0112] = 6
+    frames = [Image.fromarray(np.full((32, 32, 3), v, np.uint8)) for v in (0, 255)]
+    return {
+        "grayscale png": (saved(Image.fromarray(gray), "PNG"), np.stack([gray] * 3, -1)),
+        "16-bit grayscale png": (saved(Image.fromarray(sixteen_bit), "PNG"), np.stack([gray] * 3, -1)),
+        "rgba png": (saved(Image.fromarray(np.dstack([image, np.full((32, 32), 255, np.uint8)])), "PNG"), image),
+        "exif-rotated png": (saved(Image.fromarray(stored), "PNG", exif=exif), upright),
+        "animated gif (first frame)": (saved(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+                                       np.zeros((32, 32, 3), np.uint8)),
+        "1x1 png": (saved(Image.fromarray(np.full((1, 1, 3), 77, np.uint8)), "PNG"), np.full((32, 32, 3), 77, np.uint8)),
+    }
+

@@ -1,12 +1,14 @@
 """Data: augmentation (pure numpy) and the Ray Data sources, decode and split."""
 
+import io
+
 import numpy as np
 import pytest
 
-from conftest import encode, make_images, write_image_folder, write_parquet_folder
+from conftest import encode, make_images, unusual_images, write_image_folder, write_parquet_folder
 from cifar_ray.config import DataConfig
 from cifar_ray.augment import augment_batch, crop_flip, notebook_augment
-from cifar_ray.data import DataSourceError, decode_batch, load_training_data, read_source
+from cifar_ray.data import DataSourceError, decode_batch, decode_image, load_training_data, read_source
 
 
 @pytest.fixture
@@ -40,6 +42,22 @@ def test_augmentation_changes_pixels_keeps_labels_and_differs_each_draw(images, 
     assert np.array_equal(first["label"], labels)
     assert np.mean(first["image"] != images) > 0.3
     assert not np.array_equal(first["image"], second["image"])
+
+
+@pytest.mark.parametrize("kind", sorted(unusual_images()))
+def test_unusual_images_decode_as_a_browser_shows_them(kind):
+    data, expected = unusual_images()[kind]
+    np.testing.assert_array_equal(decode_image(data, resize=True), expected)
+
+
+def test_a_cmyk_jpeg_decodes_to_rgb():
+    from PIL import Image
+
+    image = make_images(1, seed=4)[0][0]
+    buffer = io.BytesIO()
+    Image.fromarray(image).convert("CMYK").save(buffer, "JPEG", quality=95)
+    decoded = decode_image(buffer.getvalue())
+    assert decoded.shape == (32, 32, 3) and np.abs(decoded.astype(int) - image).mean() < 8  # lossy JPEG
 
 
 def test_decode_rejects_bad_rows():
