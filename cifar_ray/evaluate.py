@@ -129,13 +129,12 @@ def evaluate_datasets(checkpoint: str, parts: list[tuple], num_actors: int = 1, 
     evaluation set)."""
     with local_checkpoint(checkpoint) as directory:
         metadata = read_metadata(directory)
-    datasets = [ds for ds, _, _ in parts]
-    if len(parts) > 1:
+    ds = parts[0][0]
+    if len(parts) > 1:  # one stream, each row tagged with the dataset it came from
         tagged = [ds.map_batches(_tag_part, fn_kwargs={"part": i}, batch_format="numpy")
-                  for i, ds in enumerate(datasets)]
-        datasets = [tagged[0].union(*tagged[1:])]
-    predictions = predict_dataset(datasets[0], checkpoint, num_actors, tta=tta)
-    collected = collect_parts(predictions, len(parts), total=total)
+                  for i, (ds, _, _) in enumerate(parts)]
+        ds = tagged[0].union(*tagged[1:])
+    collected = collect_parts(predict_dataset(ds, checkpoint, num_actors, tta=tta), len(parts), total=total)
     return [audit(checkpoint, metadata, data, outs, tta, *result)
             for (_, data, outs), result in zip(parts, collected)]
 
