@@ -16,7 +16,7 @@ from pathlib import Path
 
 import keras
 
-from cifar_ray.config import CLASS_NAMES, TENSORBOARD_DIR, Config
+from cifar_ray.config import CLASS_NAMES, IMAGE_SHAPE, TENSORBOARD_DIR, Config
 from cifar_ray.data import DataInfo
 from cifar_ray.progress import format_duration
 
@@ -143,7 +143,9 @@ def make_tf_dataset(shard, global_batch_size: int, training: bool = False):
     Labels are one-hot because Keras smooths labels only in CategoricalCrossentropy.
 
     tf.data autotuning is off, as in the per-device pipelines (compat.py, point 3): nothing
-    here is tunable, and its model thread stalled epoch boundaries by 10-80 s.
+    here is tunable, and its model thread stalled epoch boundaries by 10-80 s. The column
+    types are data.py's fixed schema: left to infer them, `to_tf` first runs the whole
+    pipeline, augmentation included, for one row.
     """
     import tensorflow as tf
 
@@ -152,6 +154,8 @@ def make_tf_dataset(shard, global_batch_size: int, training: bool = False):
     dataset = shard.to_tf(
         feature_columns="image",
         label_columns="label",
+        feature_type_spec=tf.TensorSpec((None, *IMAGE_SHAPE), tf.uint8),
+        label_type_spec=tf.TensorSpec((None,), tf.int64),
         batch_size=global_batch_size,
         drop_last=training,
         local_shuffle_buffer_size=4 * global_batch_size if training else None,
