@@ -65,7 +65,7 @@ def experiment(ray_cluster, tmp_path_factory):
     from cifar_ray.tune import run
 
     cfg = PRESETS["smoke"].with_overrides({
-        **TINY, "num_samples": 3, "scheduler": "asha", "epochs": 2, "name": "tiny",
+        **TINY, "num_samples": 2, "scheduler": "asha", "epochs": 2, "name": "tiny",
         "storage_path": str(tmp_path_factory.mktemp("tune"))})
     trials = Path(cfg.run.storage_path) / cfg.run.name / "trials"
     root = Path(__file__).resolve().parents[1]
@@ -98,10 +98,10 @@ def experiment(ray_cluster, tmp_path_factory):
 
 
 def test_leaderboard_is_sorted_and_its_top_is_the_best_epoch_of_all_trials(experiment):
-    _, best, _, _ = experiment
+    cfg, best, _, _ = experiment
     folder = Path(best["experiment_dir"])
     rows = list(csv.DictReader((folder / "leaderboard.csv").open()))
-    assert len(rows) == 3
+    assert len(rows) == cfg.tune.num_samples
     scores = [float(r["best_val_accuracy"]) for r in rows]
     assert scores == sorted(scores, reverse=True)
     every_epoch = [acc for row in best["leaderboard"] for acc in row["val_accuracy_by_epoch"]]
@@ -136,7 +136,7 @@ def test_experiment_and_trials_are_tracked_and_the_best_goes_through_the_gate(ex
     trials = client.search_runs([parent.info.experiment_id],
                                 filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     # Tune's verdict, also for trials ASHA stopped from outside: none left RUNNING or FAILED
-    assert len(trials) == 3 and all(t.info.status == "FINISHED" for t in trials)
+    assert len(trials) == cfg.tune.num_samples and all(t.info.status == "FINISHED" for t in trials)
     for trial in trials:  # every epoch a trial ran, logged at its step
         epochs = [m.step for m in client.get_metric_history(trial.info.run_id, "val_accuracy")]
         assert epochs == list(range(1, len(epochs) + 1)) and epochs
