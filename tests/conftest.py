@@ -94,6 +94,32 @@ def saving_weights_loop(weights_dir: str):
     return loop
 
 
+def full_disk_loop(epoch: int):
+    """The real per-worker loop, except that uploading checkpoint `epoch` into the storage
+    path fails as a full disk does, at pyarrow's file-system call (Ray Train's upload): part
+    of the model file is written, then ENOSPC."""
+    from cifar_ray.train_loop import train_loop_per_worker
+
+    def loop(loop_config):
+        import errno
+
+        import pyarrow.fs
+
+        copy_files = pyarrow.fs.copy_files
+
+        def copy_until_the_disk_is_full(source, destination, *args, **kwargs):
+            if str(destination).rstrip("/").endswith(f"epoch_{epoch:04d}"):
+                Path(destination).mkdir(parents=True, exist_ok=True)
+                (Path(destination) / "model.keras").write_bytes(b"PK\x03\x04" + bytes(1000))
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(destination))
+            return copy_files(source, destination, *args, **kwargs)
+
+        pyarrow.fs.copy_files = copy_until_the_disk_is_full
+        return train_loop_per_worker(loop_config)
+
+    return loop
+
+
 @pytest.fixture(scope="session")
 def two_worker_run(ray_cluster, tmp_path_factory):
     """One 2-epoch, 2-worker training run on tiny synthetic data, shared by many tests."""

@@ -10,9 +10,10 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import make_images
+from conftest import full_disk_loop, make_images
 
-from cifar_ray.checkpoint import load_checkpoint, read_metadata
+from cifar_ray.checkpoint import checkpoint_names, load_checkpoint, read_metadata
+from cifar_ray.cli import TrainingFailed
 from cifar_ray.data import load_training_data
 from cifar_ray.evaluate import collect_predictions, predict_dataset
 from cifar_ray.report import compute_metrics
@@ -97,23 +98,36 @@ def test_run_folder_has_summary_history_and_curves(two_worker_run):
     assert (run_dir / "summary.json").is_file()
 
 
-def test_rerun_with_same_name_resumes_at_next_epoch(two_worker_run):
+def test_a_full_disk_fails_clearly_and_a_rerun_resumes_from_the_last_good_checkpoint(two_worker_run):
+    """Saving epoch 3 hits a full disk: one clear error, epochs 1-2 intact and the cut-short
+    folder not counted. The rerun with the same name trains epoch 3 only."""
     cfg, first, _ = two_worker_run
-    before = (Path(first["run_dir"]) / "history.csv").read_text().splitlines()
-    summary = run(replace(cfg, train=replace(cfg.train, epochs=3)))
-    after = (Path(summary["run_dir"]) / "history.csv").read_text().splitlines()
+    run_dir = Path(first["run_dir"])
+    before = (run_dir / "history.csv").read_text().splitlines()
+    three = replace(cfg, train=replace(cfg.train, epochs=3))
+    with pytest.raises(TrainingFailed) as failed:
+        run(three.with_overrides({"max_failures": 0}), train_loop=full_disk_loop(epoch=3))
+    message = str(failed.value)
+    assert "No space left on device" in message, message
+    assert "(latest epoch_0002)" in message and f"rerun with --name {cfg.run.name} to resume" in message
+    assert (run_dir / "epoch_0003").is_dir() and checkpoint_names(str(run_dir)) == ["epoch_0001", "epoch_0002"]
+    for epoch in ("epoch_0001", "epoch_0002"):
+        assert load_checkpoint(run_dir / epoch)[1]["epoch"] == int(epoch[-1])  # whole: the SHA-256 matches
+
+    summary = run(three)
+    after = (run_dir / "history.csv").read_text().splitlines()
     assert summary["epochs"] == 3
     assert after[:3] == before  # epochs 1-2 were not trained again
     assert after[3].split(",")[0] == "3"
-    assert read_metadata(Path(summary["run_dir"]) / "epoch_0003")["epoch"] == 3
+    assert read_metadata(run_dir / "epoch_0003")["epoch"] == 3
 
     # Once more, with nothing left to train (a run or Tune trial interrupted as it ended):
     # the restored run ends cleanly without training. (That it re-reports the last epoch for
     # Tune is only exercised by test_tune's resume test, when the kill lands that late.)
-    trained_at = (Path(summary["run_dir"]) / "epoch_0003" / "metadata.json").stat().st_mtime
-    again = run(replace(cfg, train=replace(cfg.train, epochs=3)))
-    assert (Path(again["run_dir"]) / "history.csv").read_text().splitlines() == after
-    assert (Path(again["run_dir"]) / "epoch_0003" / "metadata.json").stat().st_mtime == trained_at
+    trained_at = (run_dir / "epoch_0003" / "metadata.json").stat().st_mtime
+    again = run(three)
+    assert (run_dir / "history.csv").read_text().splitlines() == after
+    assert (run_dir / "epoch_0003" / "metadata.json").stat().st_mtime == trained_at
     assert again["best_val_accuracy"] == summary["best_val_accuracy"]
 
 
