@@ -32,6 +32,7 @@ from cifar_ray.gate import (Decision, EvalSet, RegistryError, Scores, audit_and_
 HISTORY_TAG = "champion_history"  # on the registered model: versions that held the alias, in order
 EVAL_SET_ARTIFACT = "eval_set"
 CHECKPOINT_ARTIFACT = "checkpoint"
+MODEL_SHA_TAG = "model_sha256"  # on a version: its model.keras, to know a checkpoint registered before
 
 
 # ---------------------------------------------------------------------------------------
@@ -64,6 +65,13 @@ class Registry:
         if found is None:
             raise RegistryError(f"{self.name} has no version {version}")
         return found
+
+    def version_holding(self, run_id: str, model_sha256: str | None):
+        """The version registered from MLflow run `run_id` with this model file, or None."""
+        if not model_sha256 or not self._exists():
+            return None
+        found = self.client.search_model_versions(f"name = '{self.name}' and run_id = '{run_id}'")
+        return next((v for v in found if v.tags.get(MODEL_SHA_TAG) == model_sha256), None)
 
     def champion(self):
         """The version the alias points to, or None."""
@@ -135,10 +143,14 @@ def register(registry: Registry, cfg: RegistryConfig, run_id: str, checkpoint: s
 
     Returns what summary.json records: version, decision, reason, scores and the champion.
     """
-    from cifar_ray.checkpoint import local_checkpoint
+    from cifar_ray.checkpoint import METADATA_FILE, local_checkpoint, read_file
 
     registry.ensure_model()
     champion = registry.champion()
+    model_sha256 = json.loads(read_file(checkpoint, METADATA_FILE)).get("model_sha256")
+    earlier = registry.version_holding(run_id, model_sha256)
+    if earlier is not None:  # a rerun of a finished run, or a resumed one whose best did not change
+        return already_registered(registry, earlier, champion)
     candidate = candidate or score(checkpoint, eval_set)
     incumbent = champion_scores(registry, champion, eval_set)
     decision = decide(cfg.promote, candidate, incumbent, cfg)
@@ -153,6 +165,7 @@ def register(registry: Registry, cfg: RegistryConfig, run_id: str, checkpoint: s
         eval_set.uri = f"{artifact_uri}/{EVAL_SET_ARTIFACT}"
     version_tags = {
         **{k: str(v) for k, v in tags.items() if v is not None}, **candidate.tags(),
+        **({MODEL_SHA_TAG: model_sha256} if model_sha256 else {}),
         "eval_set_uri": eval_set.uri, "eval_set_description": eval_set.description,
         "gate_decision": "promoted" if decision.promote else "not promoted", "gate_reason": decision.reason,
         "gate_compared_to": str(champion.version) if champion else "none",
@@ -171,6 +184,21 @@ def register(registry: Registry, cfg: RegistryConfig, run_id: str, checkpoint: s
         "tracking_uri": registry.uri,
     }
     print(format_outcome(outcome), flush=True)
+    return outcome
+
+
+def already_registered(registry: Registry, version, champion) -> dict:
+    """The outcome of registering a checkpoint that this run registered before: nothing new."""
+    outcome = {
+        "registered_model": registry.name, "version": str(version.version), "promoted": False,
+        "reason": f"version {version.version} is this run's best checkpoint already (same model.keras); "
+                  "nothing new registered",
+        "champion": str(champion.version) if champion else None, "compared_to": None,
+        "eval_accuracy": float(version.tags["eval_accuracy"]), "champion_eval_accuracy": None,
+        "eval_set": {"fingerprint": version.tags["eval_set"], "description": version.tags["eval_set_description"]},
+        "tracking_uri": registry.uri,
+    }
+    print(f"registry: {outcome['reason']}; the champion is version {outcome['champion']}", flush=True)
     return outcome
 
 

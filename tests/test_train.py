@@ -14,6 +14,8 @@ from conftest import full_disk_loop, make_images
 
 from cifar_ray.checkpoint import checkpoint_names, load_checkpoint, read_metadata
 from cifar_ray.cli import TrainingFailed
+from cifar_ray.registry import Registry
+from cifar_ray.tracking import tracking_uri
 from cifar_ray.data import load_training_data
 from cifar_ray.evaluate import collect_predictions, predict_dataset
 from cifar_ray.report import compute_metrics
@@ -124,11 +126,16 @@ def test_a_full_disk_fails_clearly_and_a_rerun_resumes_from_the_last_good_checkp
     # Once more, with nothing left to train (a run or Tune trial interrupted as it ended):
     # the restored run ends cleanly without training. (That it re-reports the last epoch for
     # Tune is only exercised by test_tune's resume test, when the kill lands that late.)
+    # Its best checkpoint, registered already, is not registered again.
     trained_at = (run_dir / "epoch_0003" / "metadata.json").stat().st_mtime
+    registry = Registry(tracking_uri(cfg))
+    versions = len(registry.versions())
     again = run(three)
     assert (run_dir / "history.csv").read_text().splitlines() == after
     assert (run_dir / "epoch_0003" / "metadata.json").stat().st_mtime == trained_at
     assert again["best_val_accuracy"] == summary["best_val_accuracy"]
+    assert again["registry"]["version"] == summary["registry"]["version"] and not again["registry"]["promoted"]
+    assert len(registry.versions()) == versions
 
 
 @pytest.mark.parametrize("workers, cpus_per_worker, expected", [
