@@ -337,7 +337,7 @@ def test_killed_replica_under_load_loses_at_most_one_percent(endpoint, ray_clust
         body = encode(make_images(1)[0][0], "JPEG")
         asyncio.run(serve_load.load(f"{url}/kill/predict", body, 4, 1.0))  # warm-up
         result = asyncio.run(serve_load.load_with_replica_kill(
-            f"{url}/kill/predict", body, concurrency=16, seconds=15.0, app="cifar-kill", kill_at=4.0,
+            f"{url}/kill/predict", body, concurrency=16, seconds=10.0, app="cifar-kill", kill_at=3.0,
             address=ray_cluster))
         assert result["requests"] > 200
         assert result["errors"] <= 0.01 * result["requests"], result["errors"]
