@@ -32,6 +32,7 @@ import asyncio
 import hmac
 import logging
 import os
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -62,6 +63,15 @@ COMPUTE_THREADS = 2  # batches in flight per replica: one computing while the ne
 FAST_INGRESS_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
 
 PAGE_HTML = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")  # GET /
+# A file path or a URI in an error message: "/a/b/model.keras", "sqlite:////a/mlflow.db",
+# "s3://b/runs/x" (not "models:/name@alias", which names a registry version).
+PATH_OR_URI = re.compile(r"(?:\b[a-z][a-z0-9+.-]*://|(?<![\w.:])/)[^\s'\",:;()]*")
+
+
+def without_paths(message: str) -> str:
+    """An error as an HTTP body gives it: each path or URI cut to its last part. Clients
+    learn what failed, not where the cluster keeps its files; the replica's log has it all."""
+    return PATH_OR_URI.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1], message)
 
 api = FastAPI(title="cifar-ray", description="CIFAR-10 image classification")
 
@@ -191,8 +201,8 @@ class Classifier:
         model = self.live.current
         self.metrics.serving(model.version, model.metadata["model"])
         health = {"status": "ok", "model": model.metadata["model"], "model_version": model.version,
-                  "source": self.cfg.checkpoint}
-        return {**health, "warning": self.live.error} if self.live.error else health
+                  "source": without_paths(self.cfg.checkpoint)}
+        return {**health, "warning": without_paths(self.live.error)} if self.live.error else health
 
     @api.get("/metadata")
     async def get_metadata(self, request: Request) -> dict:
@@ -201,7 +211,7 @@ class Classifier:
         model = self.live.current
         m = model.metadata
         return {"model": m["model"], "model_version": model.version, "source": self.cfg.checkpoint,
-                "registry_error": self.live.error or None, "class_names": m["class_names"],
+                "registry_error": without_paths(self.live.error) or None, "class_names": m["class_names"],
                 "input_shape": m["input_shape"], "epoch": m["epoch"], "training_metrics": m["metrics"],
                 "data": m["data"], "config": m["config"], "versions": m["versions"], "evaluation": model.audit}
 
@@ -218,7 +228,7 @@ class Classifier:
 
     def _require_ready(self) -> None:
         if self.live.current is None:
-            raise HTTPException(503, self.live.error or "loading")
+            raise HTTPException(503, without_paths(self.live.error) or "loading")
 
     async def _off_loop(self, function, *args):
         """Run `function(*args)` on the compute threads, so the event loop stays free."""
