@@ -139,7 +139,9 @@ def now() -> str:
 def register(registry: Registry, cfg: RegistryConfig, run_id: str, checkpoint: str, eval_set: EvalSet,
              tags: dict, candidate: Scores | None = None) -> dict:
     """Make `checkpoint` a new version, scored on `eval_set` (unless `candidate` holds its
-    scores there already), and let the gate decide on it.
+    scores there already), and let the gate decide on it. A checkpoint this MLflow run
+    registered before (a rerun of a finished run) is not registered again: the outcome
+    names the version it is.
 
     Returns what summary.json records: version, decision, reason, scores and the champion.
     """

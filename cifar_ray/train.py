@@ -33,7 +33,7 @@ from cifar_ray.data import DataInfo
 SCORE_METRIC = "val_accuracy"
 # Ray Train's controller takes one report per poll of its workers, every 2 s by default, and
 # a run ends once every report is taken: with epochs shorter than that, each run's end waited
-# 4-5 s for the backlog. Polling every 0.5 s costs a few small RPCs a second.
+# 4-7 s for the backlog (2 s after). Polling every 0.5 s costs a few small RPCs a second.
 CONTROLLER_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
