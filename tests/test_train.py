@@ -102,7 +102,8 @@ def test_run_folder_has_summary_history_and_curves(two_worker_run):
 
 def test_a_full_disk_fails_clearly_and_a_rerun_resumes_from_the_last_good_checkpoint(two_worker_run):
     """Saving epoch 3 hits a full disk: one clear error, epochs 1-2 intact and the cut-short
-    folder not counted. The rerun with the same name trains epoch 3 only."""
+    folder not counted. The rerun with the same name trains epoch 3 only; one more rerun,
+    with nothing left to train, trains nothing and registers no second version."""
     cfg, first, _ = two_worker_run
     run_dir = Path(first["run_dir"])
     before = (run_dir / "history.csv").read_text().splitlines()
