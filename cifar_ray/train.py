@@ -34,7 +34,7 @@ SCORE_METRIC = "val_accuracy"
 # Ray Train's controller takes one report per poll of its workers, every 2 s by default, and
 # a run ends once every report is taken: with epochs shorter than that, each run's end waited
 # 4-7 s for the backlog (2 s after). Polling every 0.5 s costs a few small RPCs a second.
-CONTROLLER_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+CONTROLLER_POLL_S = "0.5"  # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, unless the user set it
 
 
 def plan_resources(cfg: Config, cluster_cpus: float) -> tuple[float, int]:
@@ -148,8 +148,7 @@ def make_trainer(cfg: Config, train, val, info: DataInfo, train_loop=None,
     from cifar_ray.train_loop import train_loop_per_worker
 
     cpus_per_worker, threads = plan_resources(cfg, ray.cluster_resources().get("CPU", 1))
-    for name, value in CONTROLLER_POLL_ENV.items():  # read by Ray Train when the trainer is fit
-        os.environ.setdefault(name, value)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", CONTROLLER_POLL_S)  # read when fit starts
     return TensorflowTrainer(
         train_loop or train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "data_info": asdict(info), "threads": threads},
