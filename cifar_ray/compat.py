@@ -33,7 +33,9 @@ _keras_reduce_per_replica = tf_trainer.reduce_per_replica
 _tf_create_device_dataset = multi_device_iterator_ops._create_device_dataset
 
 
-def _zeros_like_spec(spec: tf.TensorSpec) -> tf.Tensor:
+def _zeros_like_spec(spec) -> tf.Tensor:
+    # A distributed input's spec is per replica, and each worker has one replica.
+    spec = getattr(spec, "_value_specs", (spec,))[0]
     return tf.zeros([d if d is not None else 1 for d in spec.shape], spec.dtype)
 
 

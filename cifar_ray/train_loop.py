@@ -47,7 +47,7 @@ def train_loop_per_worker(loop_config: dict, callbacks: tuple = ()) -> keras.Mod
     patch_multi_worker_fit()
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
 
-    steps_per_epoch = max(1, info.num_train // cfg.train.batch_size)
+    steps_per_epoch = training_steps_per_epoch(info.num_train, cfg.train.batch_size, context.get_world_size())
     with strategy.scope():
         model, history = restore_or_build_model(cfg, info, ray.train.get_checkpoint(), steps_per_epoch)
     if len(history) >= cfg.train.epochs:
@@ -57,7 +57,7 @@ def train_loop_per_worker(loop_config: dict, callbacks: tuple = ()) -> keras.Mod
         return model
 
     model.fit(
-        make_tf_dataset(ray.train.get_dataset_shard("train"), cfg.train.batch_size, training=True),
+        training_input(strategy, ray.train.get_dataset_shard("train"), cfg.train.batch_size, steps_per_epoch),
         validation_data=make_tf_dataset(ray.train.get_dataset_shard("val"), cfg.train.batch_size),
         epochs=cfg.train.epochs,
         initial_epoch=len(history),
@@ -134,13 +134,37 @@ def restore_or_build_model(cfg: Config, info: DataInfo, checkpoint, steps_per_ep
     return model, []
 
 
-def make_tf_dataset(shard, global_batch_size: int, training: bool = False):
+def training_steps_per_epoch(num_train: int, global_batch_size: int, num_workers: int) -> int:
+    """Optimizer steps in one epoch, for any worker count: Ray Train gives each worker an
+    equal share of the training split, and each step takes one full per-worker batch."""
+    return (num_train // num_workers) // (global_batch_size // num_workers)
+
+
+def training_input(strategy, shard, global_batch_size: int, steps: int):
+    """The worker's training shard for `fit`: per-worker batches, exactly `steps` of them.
+
+    Keras steps once into the end of an input of unknown length, and that call still moves
+    `optimizer.iterations`, which drives the LR schedule: one step ahead per epoch. A known
+    length stops it there. Batches are per-worker and handed to the strategy as they are
+    (`distribute_datasets_from_function`): TF's rebatching of global batches would hide the
+    count behind a length Keras cannot read.
+    """
+    import tensorflow as tf
+
+    per_worker = global_batch_size // strategy.num_replicas_in_sync
+    dataset = make_tf_dataset(shard, per_worker, training=True)
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(steps))
+    return strategy.distribute_datasets_from_function(lambda _: dataset)
+
+
+def make_tf_dataset(shard, batch_size: int, training: bool = False):
     """A worker's Ray Data shard as a tf.data.Dataset of (uint8 images, one-hot labels).
 
-    Batches hold the *global* batch size: under MultiWorkerMirroredStrategy Keras rebatches
-    each into global_batch_size / num_workers per worker and step, and every worker reads
-    its whole shard. `to_tf` turns TF's auto-sharding off, so no example is dropped.
-    Labels are one-hot because Keras smooths labels only in CategoricalCrossentropy.
+    Training batches are per-worker (training_input). Validation batches are global: Keras
+    hands them to MultiWorkerMirroredStrategy, which splits each into batch_size /
+    num_workers per worker and step. Either way every worker reads its whole shard: `to_tf`
+    turns TF's auto-sharding off, so no example is dropped. Labels are one-hot because
+    Keras smooths labels only in CategoricalCrossentropy.
 
     tf.data autotuning is off, as in the per-device pipelines (compat.py, point 3): nothing
     here is tunable, and its model thread stalled epoch boundaries by 10-80 s. The column
@@ -156,9 +180,9 @@ def make_tf_dataset(shard, global_batch_size: int, training: bool = False):
         label_columns="label",
         feature_type_spec=tf.TensorSpec((None, *IMAGE_SHAPE), tf.uint8),
         label_type_spec=tf.TensorSpec((None,), tf.int64),
-        batch_size=global_batch_size,
+        batch_size=batch_size,
         drop_last=training,
-        local_shuffle_buffer_size=4 * global_batch_size if training else None,
+        local_shuffle_buffer_size=4 * batch_size if training else None,
     )
     return without_autotuning(dataset.map(lambda x, y: (x, tf.one_hot(y, len(CLASS_NAMES)))))
 

@@ -129,7 +129,7 @@ def two_worker_run(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     cfg = PRESETS["smoke"].with_overrides({
         "num_workers": 2, "storage_path": str(root / "runs"), "name": "two-workers",
-        "synthetic_size": 400, "val_fraction": 0.2, "epochs": 2,
+        "synthetic_size": 400, "val_fraction": 0.2, "epochs": 2, "schedule": "cosine",
         # per-worker batch, exercised on CPU: 2 x 32 = the smoke preset's global batch 64
         "per_worker_batch_size": 32})
     summary = run(cfg, train_loop=saving_weights_loop(str(root)))

@@ -114,6 +114,7 @@ def test_one_failure_more_than_allowed_fails_clearly_and_keeps_checkpoints(
 def test_driver_killed_then_rerun_resumes_optimizer_and_schedule(ray_cluster, subprocess_env, storage):
     from cifar_ray.config import Config
     from cifar_ray.models import build_optimizer
+    from cifar_ray.train_loop import training_steps_per_epoch
 
     args = [*SINGLE, "--epochs", "3", "--schedule", "cosine"]  # Adam (the smoke preset's) with a moving LR
     process = start_training(storage, "driver", *args, env=subprocess_env)
@@ -137,13 +138,12 @@ def test_driver_killed_then_rerun_resumes_optimizer_and_schedule(ray_cluster, su
     assert metadata["history"][0] == before[0]
     assert all(math.isfinite(row["loss"]) for row in metadata["history"])
 
-    # the optimizer resumed where it stopped: its step count and the LR schedule position
+    # the optimizer resumed where it stopped: exactly the planned steps, and the LR of an
+    # uninterrupted run at every epoch
     cfg = Config.from_dict(metadata["config"])
-    planned = metadata["data"]["num_train"] // cfg.train.batch_size  # what the schedule was built with
-    iterations = int(model.optimizer.iterations)
-    steps = iterations // 3  # steps per epoch as run (a partial last batch may add one)
-    assert iterations == 3 * steps and abs(steps - planned) <= 1
-    uninterrupted = build_optimizer(cfg.train, planned)
+    steps = training_steps_per_epoch(metadata["data"]["num_train"], cfg.train.batch_size, num_workers=1)
+    assert int(model.optimizer.iterations) == 3 * steps
+    uninterrupted = build_optimizer(cfg.train, steps)
     for row in metadata["history"]:
         uninterrupted.iterations.assign(row["epoch"] * steps)
         assert row["lr"] == pytest.approx(float(uninterrupted.learning_rate), rel=1e-5)

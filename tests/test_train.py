@@ -213,6 +213,56 @@ def test_worker_input_is_one_hot_global_batches_without_tf_data_autotuning(ray_c
     assert train.options().autotune.enabled is False and val.options().autotune.enabled is False
 
 
+def test_fit_takes_exactly_the_planned_steps_per_epoch(ray_cluster):
+    """Keras steps once into the end of an input of unknown length and counts that step in
+    optimizer.iterations, which drives the LR schedule. The training input has a known
+    length: 2 epochs of 10 images in batches of 4 are 4 steps, not 6."""
+    import ray
+    import tensorflow as tf
+
+    from cifar_ray.train_loop import training_input, training_steps_per_epoch
+
+    images, labels = make_images(10)
+    shard = ray.data.from_items([{"image": i, "label": int(l)} for i, l in zip(images, labels)]).iterator()
+    strategy = tf.distribute.get_strategy()  # the default: one replica, as one worker has
+    steps = training_steps_per_epoch(10, 4, num_workers=1)
+    model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(10)])
+    model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    batches = []
+    model.fit(training_input(strategy, shard, 4, steps), epochs=2, verbose=0,
+              callbacks=[keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: batches.append(b))])
+    assert steps == 2 and batches == [0, 1, 0, 1]
+    assert int(model.optimizer.iterations) == 2 * steps
+
+
+def test_one_and_two_workers_see_the_same_learning_rate_per_epoch(two_worker_run):
+    """The 2-worker run's step counter and LR per epoch are the plan's, exactly, and a
+    1-worker plan of the same run gives the same LR at every epoch end. (A real 1-worker
+    run is held to the same plan in test_faults' driver test.)"""
+    from cifar_ray.models import build_optimizer
+    from cifar_ray.train_loop import training_steps_per_epoch
+
+    cfg, summary, _ = two_worker_run
+    model, metadata = load_checkpoint(Path(summary["run_dir"]) / "epoch_0002")
+    num_train = metadata["data"]["num_train"]
+
+    def lr_per_epoch(workers: int) -> list[float]:
+        steps = training_steps_per_epoch(num_train, cfg.train.batch_size, workers)
+        optimizer = build_optimizer(cfg.train, steps)
+        rates = []
+        for epoch in range(1, cfg.train.epochs + 1):
+            optimizer.iterations.assign(epoch * steps)
+            rates.append(float(optimizer.learning_rate))
+        return rates
+
+    steps = training_steps_per_epoch(num_train, cfg.train.batch_size, 2)
+    assert int(model.optimizer.iterations) == cfg.train.epochs * steps
+    recorded = [row["lr"] for row in metadata["history"]]
+    assert recorded == pytest.approx(lr_per_epoch(2), rel=1e-6)
+    assert lr_per_epoch(2) == lr_per_epoch(1)
+    assert recorded[0] > recorded[1]  # the schedule moves: cosine
+
+
 def test_per_device_input_pipelines_run_without_autotuning(monkeypatch):
     """compat.py, point 3: the strategy's per-device pipelines must not start the autotuning
     thread that stalled epoch boundaries. The per-device iterator is private TF, pinned."""
