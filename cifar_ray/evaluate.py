@@ -18,35 +18,41 @@ import json
 import numpy as np
 
 from cifar_ray import report
-from cifar_ray.checkpoint import load_checkpoint, local_checkpoint, read_metadata, write_file
+from cifar_ray.calibration import TEMPERATURE_KEY, apply_temperature, cross_fitted, fit_temperature, temperature_of
+from cifar_ray.checkpoint import METADATA_FILE, load_checkpoint, local_checkpoint, read_metadata, write_file
 
 ERRORS_SHOWN = 16
 
 
 class Predictor:
-    """A Ray Data actor holding one loaded model: a batch of images -> class probabilities.
+    """A Ray Data actor holding one loaded model: a batch of images -> class probabilities,
+    scaled by the checkpoint's temperature (calibration.py) unless `raw`.
 
     With `tta`, the probabilities are the mean over each image and its mirror image.
     """
 
-    def __init__(self, checkpoint: str, tta: bool = False):
+    def __init__(self, checkpoint: str, tta: bool = False, raw: bool = False):
         with local_checkpoint(checkpoint) as directory:
-            self.model, self.metadata = load_checkpoint(directory, compile=False)
+            self.model, metadata = load_checkpoint(directory, compile=False)
         self.tta = tta
+        self.temperature = 1.0 if raw else temperature_of(metadata)
 
     def __call__(self, batch: dict) -> dict:
-        probabilities = np.asarray(self.model.predict_on_batch(batch["image"]), np.float32)
+        probabilities = self.probabilities(batch["image"])
         if self.tta:
-            mirrored = np.asarray(self.model.predict_on_batch(batch["image"][:, :, ::-1]), np.float32)
-            probabilities = (probabilities + mirrored) / 2
+            probabilities = (probabilities + self.probabilities(batch["image"][:, :, ::-1])) / 2
         return {**batch, "probabilities": probabilities}
 
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        return apply_temperature(np.asarray(self.model.predict_on_batch(images), np.float32), self.temperature)
 
-def predict_dataset(ds, checkpoint: str, num_actors: int = 1, batch_size: int = 512, tta: bool = False):
+
+def predict_dataset(ds, checkpoint: str, num_actors: int = 1, batch_size: int = 512, tta: bool = False,
+                    raw: bool = False):
     """Lazily add a `probabilities` column to a dataset of images and labels."""
     import ray.data
 
-    return ds.map_batches(Predictor, fn_constructor_kwargs={"checkpoint": checkpoint, "tta": tta},
+    return ds.map_batches(Predictor, fn_constructor_kwargs={"checkpoint": checkpoint, "tta": tta, "raw": raw},
                           compute=ray.data.ActorPoolStrategy(size=num_actors), batch_size=batch_size,
                           batch_format="numpy")
 
@@ -68,7 +74,7 @@ class Collected:
         for i in np.flatnonzero(predicted != batch["label"]):
             item = (float(confidence[i]), next(self.order),
                     {"image": batch["image"][i], "label": int(batch["label"][i]),
-                     "predicted": int(predicted[i]), "confidence": float(confidence[i])})
+                     "predicted": int(predicted[i]), "probabilities": batch["probabilities"][i]})
             heapq.heappush(self.worst, item)
             if len(self.worst) > self.errors_kept:
                 heapq.heappop(self.worst)
@@ -122,11 +128,15 @@ def evaluate_dataset(ds, checkpoint: str, data: dict, outs: tuple[str, ...] = ()
 
 
 def evaluate_datasets(checkpoint: str, parts: list[tuple], num_actors: int = 1, tta: bool = False,
-                      total: int | None = None) -> list[dict]:
+                      total: int | None = None, calibrate: bool = False) -> list[dict]:
     """evaluate_dataset for each (ds, data, outs) of `parts`, in one pass of one pool of
     model actors: the checkpoint is loaded once, however many datasets it is scored on
     (the end of a training run audits on the validation split and scores on the gate's
-    evaluation set)."""
+    evaluation set).
+
+    With `calibrate` (the end of a training run), the first part fits the checkpoint's
+    temperature, which is stored in its metadata.json before any part is audited.
+    """
     with local_checkpoint(checkpoint) as directory:
         metadata = read_metadata(directory)
     ds = parts[0][0]
@@ -134,25 +144,55 @@ def evaluate_datasets(checkpoint: str, parts: list[tuple], num_actors: int = 1, 
         tagged = [ds.map_batches(_tag_part, fn_kwargs={"part": i}, batch_format="numpy")
                   for i, (ds, _, _) in enumerate(parts)]
         ds = tagged[0].union(*tagged[1:])
-    collected = collect_parts(predict_dataset(ds, checkpoint, num_actors, tta=tta), len(parts), total=total)
-    return [audit(checkpoint, metadata, data, outs, tta, *result)
-            for (_, data, outs), result in zip(parts, collected)]
+    predicted = predict_dataset(ds, checkpoint, num_actors, tta=tta, raw=calibrate)
+    collected = collect_parts(predicted, len(parts), total=total)
+    calibration = None
+    if calibrate:
+        metadata, calibration = calibrate_checkpoint(checkpoint, metadata, *collected[0][:2])
+        collected = [calibrated(result, metadata) for result in collected]
+    return [audit(checkpoint, metadata, data, outs, tta, *result, calibration=calibration if i == 0 else None)
+            for i, ((_, data, outs), result) in enumerate(zip(parts, collected))]
+
+
+def calibrate_checkpoint(checkpoint: str, metadata: dict, labels: np.ndarray,
+                         raw: np.ndarray) -> tuple[dict, dict]:
+    """Fit the temperature on (labels, raw probabilities) and store it in the checkpoint's
+    metadata.json. Returns (the new metadata, what calibration did to the ECE)."""
+    temperature = fit_temperature(labels, raw)
+    metadata = {**metadata, TEMPERATURE_KEY: temperature}
+    write_file(checkpoint, METADATA_FILE, json.dumps(metadata, indent=2).encode())
+    return metadata, {
+        "temperature": temperature,
+        "ece_before": report.expected_calibration_error(labels, raw),
+        "ece_cross_fitted": report.expected_calibration_error(labels, cross_fitted(labels, raw)),
+    }
+
+
+def calibrated(result: tuple, metadata: dict) -> tuple:
+    """(labels, probabilities, errors) with the checkpoint's temperature applied."""
+    labels, probabilities, errors = result
+    temperature = temperature_of(metadata)
+    errors = [{**e, "probabilities": apply_temperature(e["probabilities"][None], temperature)[0]} for e in errors]
+    return labels, apply_temperature(probabilities, temperature), errors
 
 
 def audit(checkpoint: str, metadata: dict, data: dict, outs: tuple[str, ...], tta: bool,
-          labels: np.ndarray, probabilities: np.ndarray, errors: list) -> dict:
-    """The metrics of one evaluated dataset; with `outs`, the audit's files in each folder."""
+          labels: np.ndarray, probabilities: np.ndarray, errors: list, calibration: dict | None = None) -> dict:
+    """The metrics of one evaluated dataset; with `outs`, the audit's files in each folder.
+    `calibration`: what fitting the temperature on this dataset did (calibrate_checkpoint)."""
     class_names = metadata["class_names"]
     metrics = report.compute_metrics(labels, probabilities, class_names)
-    result = {"checkpoint": checkpoint, "data": data, "tta": tta, **metrics}
+    result = {"checkpoint": checkpoint, "data": data, "tta": tta, "temperature": temperature_of(metadata),
+              **metrics, **({"calibration": calibration} if calibration else {})}
     if outs:
         files = {
             "metrics.json": json.dumps(result, indent=2).encode(),
             "confusion_matrix.png": report.plot_confusion_matrix(metrics, class_names),
             "per_class.png": report.plot_per_class_accuracy(metrics, class_names),
-            "reliability.png": report.plot_reliability(labels, probabilities, metrics["ece"]),
+            "reliability.png": report.plot_reliability(labels, probabilities, metrics["ece"],
+                                                       calibration["ece_before"] if calibration else None),
             "errors.png": report.plot_errors(errors, class_names),
-            "MODEL_CARD.md": report.model_card(metrics, metadata, checkpoint, data).encode(),
+            "MODEL_CARD.md": report.model_card(result, metadata, checkpoint, data).encode(),
         }
         for out in outs:
             for name, content in files.items():
@@ -192,7 +232,7 @@ def evaluate(checkpoint: str, data: str, out: str | None = None, num_actors: int
 def summary_line(metrics: dict) -> dict:
     """The headline numbers printed to stdout (metrics.json has everything)."""
     keys = ("checkpoint", "data", "tta", "examples", "accuracy", "loss", "top5_accuracy",
-            "mean_class_accuracy", "worst_class", "worst_class_accuracy", "ece")
+            "mean_class_accuracy", "worst_class", "worst_class_accuracy", "ece", "temperature")
     return {k: metrics[k] for k in keys}
 
 

@@ -149,12 +149,15 @@ def score(checkpoint: str, eval_set: EvalSet) -> Scores:
 
 def audit_and_score(checkpoint: str, eval_set: EvalSet, audit: tuple | None) -> tuple[dict | None, Scores]:
     """(the audit's metrics, the gate's scores): `audit` is evaluate_dataset's (ds, data,
-    outs) for the checkpoint's own audit, done in the same model pass as the scoring."""
+    outs) for the checkpoint's own audit on the validation split, done in the same model
+    pass as the scoring. Its images first fit the checkpoint's temperature (calibration.py):
+    the audit and the scores are of calibrated probabilities."""
     from cifar_ray.evaluate import evaluate_datasets
 
     scoring = (eval_set.dataset, {"source": eval_set.description, "split": "all rows"}, ())
     parts = [audit, scoring] if audit else [scoring]
-    *audited, scored = evaluate_datasets(checkpoint, parts, total=sum(ds.count() for ds, _, _ in parts))
+    *audited, scored = evaluate_datasets(checkpoint, parts, total=sum(ds.count() for ds, _, _ in parts),
+                                         calibrate=audit is not None)
     return (audited[0] if audited else None), Scores.from_metrics(eval_set.fingerprint, scored)
 
 

@@ -24,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 
+from cifar_ray.calibration import apply_temperature, temperature_of
 from cifar_ray.config import IMAGE_SHAPE
 from cifar_ray.cli import first_line
 
@@ -42,8 +43,8 @@ class Loaded:
     version: str  # the registry version number; for a checkpoint path, its last two folders
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """uint8 NHWC images -> class probabilities."""
-        return self.forward(images.astype(np.float32)).numpy()
+        """uint8 NHWC images -> class probabilities, scaled by the checkpoint's temperature."""
+        return apply_temperature(self.forward(images.astype(np.float32)).numpy(), temperature_of(self.metadata))
 
 
 def load(folder: Path, version: str) -> Loaded:

@@ -220,7 +220,7 @@ def register_run(cfg: Config, run_id: str, checkpoint: str, holdout, info, run_d
     outcome). A registry that cannot be reached costs no work: the audit is still written,
     the checkpoints stay where they are, and the error says how to register them later.
     """
-    from cifar_ray.evaluate import evaluate_dataset
+    from cifar_ray.evaluate import evaluate_datasets
 
     uri = tracking.tracking_uri(cfg)
     try:
@@ -228,7 +228,7 @@ def register_run(cfg: Config, run_id: str, checkpoint: str, holdout, info, run_d
         eval_set = choose_eval_set(registry, cfg.registry, registry.champion(), holdout, info.source)
     except Exception as e:
         if audit:
-            evaluate_dataset(audit[0], checkpoint, *audit[1:])
+            evaluate_datasets(checkpoint, [audit], calibrate=True)
         raise _registration_failed(e, uri, run_dir, checkpoint) from None
     audited, candidate = audit_and_score(checkpoint, eval_set, audit)
     tags = {"run": cfg.run.name, "run_dir": run_dir, "git_commit": tracking.git_commit(),

@@ -125,7 +125,8 @@ def plot_per_class_accuracy(metrics: dict, class_names: list[str]) -> bytes:
     return _png(fig)
 
 
-def plot_reliability(labels: np.ndarray, probabilities: np.ndarray, ece: float) -> bytes:
+def plot_reliability(labels: np.ndarray, probabilities: np.ndarray, ece: float,
+                     ece_before: float | None = None) -> bytes:
     plt = _pyplot()
     count, confidence, accuracy = calibration_bins(labels, probabilities)
     edges = np.linspace(0, 1, ECE_BINS + 1)
@@ -135,11 +136,22 @@ def plot_reliability(labels: np.ndarray, probabilities: np.ndarray, ece: float) 
     ax.bar(edges[:-1][used], accuracy[used], width=1 / ECE_BINS, align="edge",
            edgecolor="black", alpha=0.7, label="accuracy in bin")
     ax.plot(confidence[used], accuracy[used], "o", color="tab:red", label="(confidence, accuracy)")
-    ax.set(ylabel="accuracy", ylim=(0, 1), title=f"Reliability diagram, ECE {ece:.3f} ({ECE_BINS} bins)")
+    before = "" if ece_before is None else f"\n(before temperature scaling: {ece_before:.3f})"
+    ax.set(ylabel="accuracy", ylim=(0, 1), title=f"Reliability diagram, ECE {ece:.3f} ({ECE_BINS} bins){before}")
     ax.legend(loc="upper left")
     hist.bar(edges[:-1], count, width=1 / ECE_BINS, align="edge", edgecolor="black", color="gray")
     hist.set(xlabel="confidence (max probability)", ylabel="examples", xlim=(0, 1))
     return _png(fig)
+
+
+def calibration_rows(metrics: dict) -> str:
+    """The model card's rows on temperature scaling, where this audit fitted it."""
+    c = metrics.get("calibration")
+    if not c:
+        return f"| temperature | {metrics.get('temperature', 1.0)} |"
+    return (f"| expected calibration error before temperature scaling | {c['ece_before']:.4f} |\n"
+            f"| temperature (fitted on these images) | {c['temperature']} |\n"
+            f"| ECE with the temperature fitted on the other half of these images | {c['ece_cross_fitted']:.4f} |")
 
 
 def plot_errors(errors: list[dict], class_names: list[str]) -> bytes:
@@ -153,7 +165,7 @@ def plot_errors(errors: list[dict], class_names: list[str]) -> bytes:
     for ax, e in zip(axes.flat, errors):
         ax.imshow(e["image"], interpolation="nearest")
         ax.set_title(f"true {class_names[e['label']]}\npred {class_names[e['predicted']]} "
-                     f"({e['confidence']:.2f})", fontsize=8)
+                     f"({e['probabilities'].max():.2f})", fontsize=8)
     fig.suptitle("Most confidently wrong predictions" if errors else "No wrong predictions")
     return _png(fig)
 
@@ -201,7 +213,7 @@ def model_card(metrics: dict, metadata: dict, checkpoint: str, data: dict) -> st
 | worst class | {metrics['worst_class']} ({metrics['worst_class_accuracy']:.4f}) |
 | worst-class gap to the mean | {metrics['worst_class_gap']:.4f} |
 | expected calibration error ({ECE_BINS} bins) | {metrics['ece']:.4f} |
-| examples | {metrics['examples']} |
+{calibration_rows(metrics)}| examples | {metrics['examples']} |
 
 ### Per class, worst first
 | class | accuracy (recall) | precision | F1 | examples |
@@ -217,7 +229,9 @@ Worst classes: {', '.join(f'{name} ({m["accuracy"]:.3f})' for name, m in worst3)
 
 ## Intended use
 Classifying small natural images into the ten CIFAR-10 classes; teaching and benchmarking
-distributed training and serving. Probabilities are calibrated only as far as the ECE above says.
+distributed training and serving. Probabilities are calibrated only as far as the ECE above says;
+`temperature` in metadata.json scales them (evaluate, predict and Serve apply it; a plain
+`keras.models.load_model` of model.keras does not).
 
 ## Out-of-scope uses
 - Faces or people, in any form (identity, gender, age, emotion): CIFAR-10 has no such classes,

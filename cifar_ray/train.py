@@ -87,9 +87,9 @@ def run(cfg: Config, train_loop=None) -> dict:
 
 
 def audit_and_register_best(cfg: Config, run_id: str, summary: dict, val, holdout, info: DataInfo) -> dict:
-    """Audit the best checkpoint on the validation split (metrics, figures, MODEL_CARD.md,
-    into the run folder and the checkpoint itself, so the model carries it) and register it
-    through the gate: one model pass for both. The registry's decision goes into `summary`
+    """Calibrate the best checkpoint and audit it on the validation split (metrics, figures,
+    MODEL_CARD.md, into the run folder and the checkpoint itself, so the model carries it),
+    and register it through the gate: one model pass for all three. The registry's decision goes into `summary`
     and summary.json; a registry that cannot be reached is recorded there too, and its
     error raised. Returns the audit's metrics."""
     from cifar_ray.registry import register_run
@@ -99,11 +99,15 @@ def audit_and_register_best(cfg: Config, run_id: str, summary: dict, val, holdou
     try:
         audit, summary["registry"] = register_run(cfg, run_id, best, holdout, info, summary["run_dir"],
                                                   audit=(val, info.validation_split(), (summary["run_dir"], best)))
+        summary["calibration"] = audit["calibration"]
     except TrackingUnavailable as e:
         summary["registry"] = {"error": str(e)}
         raise
     finally:
         write_summary(summary)
+    c = summary["calibration"]
+    print(f"calibration: temperature {c['temperature']} fitted on the validation split; ECE "
+          f"{c['ece_before']:.3f} -> {audit['ece']:.3f} (cross-fitted: {c['ece_cross_fitted']:.3f})", flush=True)
     return audit
 
 

@@ -14,6 +14,7 @@ import requests
 import yaml
 
 from conftest import encode, make_images, unusual_images
+from cifar_ray.calibration import apply_temperature, temperature_of
 from cifar_ray.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,11 +52,15 @@ def endpoint(two_worker_run):
 
 @pytest.fixture(scope="module")
 def model(endpoint):
-    return load_checkpoint(endpoint[1], compile=False)[0]
+    """The served checkpoint's Keras model and its temperature, loaded in this process."""
+    keras_model, metadata = load_checkpoint(endpoint[1], compile=False)
+    assert temperature_of(metadata) != 1.0  # the end of training fitted one: Serve must apply it
+    return keras_model, temperature_of(metadata)
 
 
 def in_process(model, image: np.ndarray) -> np.ndarray:
-    return np.asarray(model(image[None].astype("float32"), training=False))[0]
+    keras_model, temperature = model
+    return apply_temperature(np.asarray(keras_model(image[None].astype("float32"), training=False)), temperature)[0]
 
 
 def round_off(model) -> float:
@@ -63,7 +68,7 @@ def round_off(model) -> float:
     replica's compiled call runs with its own threads and batch, and oneDNN may pick other
     kernels for them. Same weights, different round-off: bfloat16's where layers compute in
     it (mixed precision on a CPU with AMX or AVX512-BF16; seen 2e-3 apart)."""
-    return 1e-2 if any(layer.dtype_policy.compute_dtype == "bfloat16" for layer in model.layers) else 2e-4
+    return 1e-2 if any(layer.dtype_policy.compute_dtype == "bfloat16" for layer in model[0].layers) else 2e-4
 
 
 def test_png_upload_raw_jpeg_and_json_match_the_model_in_process(endpoint, model):

@@ -71,12 +71,39 @@ def test_reported_validation_metrics_are_global(two_worker_run):
     cfg, summary, _ = two_worker_run
     last = Path(summary["run_dir"]) / "epoch_0002"
     _, val, _, _ = load_training_data(cfg.data, seed=cfg.train.seed)
-    labels, probabilities, _ = collect_predictions(predict_dataset(val, str(last)))
+    # raw: the probabilities training saw (the end of the run calibrated this checkpoint)
+    labels, probabilities, _ = collect_predictions(predict_dataset(val, str(last), raw=True))
     metrics = compute_metrics(labels, probabilities, read_metadata(last)["class_names"])
     reported = read_metadata(last)["metrics"]
     assert metrics["examples"] == val.count() == read_metadata(last)["data"]["num_val"]
     assert reported["val_accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-6)
     assert reported["val_loss"] == pytest.approx(metrics["loss"], rel=1e-3)
+
+
+def test_the_best_checkpoint_carries_its_temperature_and_predictions_apply_it(two_worker_run):
+    """The end of the run fitted a temperature on the validation split, stored it in the
+    best checkpoint, and audited the calibrated probabilities; Predictor (evaluate,
+    predict, the gate) applies it."""
+    import json
+
+    from cifar_ray.calibration import apply_temperature
+    from cifar_ray.evaluate import Predictor
+    from cifar_ray.report import expected_calibration_error
+
+    cfg, summary, _ = two_worker_run
+    best = Path(summary["best_checkpoint"])
+    calibration = summary["calibration"]
+    temperature = read_metadata(best)["temperature"]
+    assert temperature == calibration["temperature"] > 0
+    _, val, _, _ = load_training_data(cfg.data, seed=cfg.train.seed)
+    batch = val.take_batch(val.count(), batch_format="numpy")
+    raw = Predictor(str(best), raw=True)(batch)["probabilities"]
+    calibrated = Predictor(str(best))(batch)["probabilities"]
+    np.testing.assert_allclose(calibrated, apply_temperature(raw, temperature), atol=1e-6)
+    assert calibration["ece_before"] == pytest.approx(expected_calibration_error(batch["label"], raw), abs=1e-6)
+    audit = json.loads((best / "metrics.json").read_text())
+    assert audit["ece"] == pytest.approx(expected_calibration_error(batch["label"], calibrated), abs=1e-6)
+    assert "before temperature scaling" in (best / "MODEL_CARD.md").read_text()
 
 
 def test_checkpoint_is_self_describing_and_loads_with_plain_keras(two_worker_run):
