@@ -213,7 +213,8 @@ def model_card(metrics: dict, metadata: dict, checkpoint: str, data: dict) -> st
 | worst class | {metrics['worst_class']} ({metrics['worst_class_accuracy']:.4f}) |
 | worst-class gap to the mean | {metrics['worst_class_gap']:.4f} |
 | expected calibration error ({ECE_BINS} bins) | {metrics['ece']:.4f} |
-{calibration_rows(metrics)}| examples | {metrics['examples']} |
+{calibration_rows(metrics)}
+| examples | {metrics['examples']} |
 
 ### Per class, worst first
 | class | accuracy (recall) | precision | F1 | examples |

@@ -77,4 +77,8 @@ def test_training_writes_the_audit_into_run_folder_and_checkpoint(two_worker_run
         assert "`synthetic`" in card and f"validation split, {num_val} images" in card
         assert f"| accuracy | {metrics['accuracy']:.4f} |" in card
         assert f"| expected calibration error (15 bins) | {metrics['ece']:.4f} |" in card
+        calibration = metrics["calibration"]  # before, and on images the temperature was not fitted on
+        assert f"| expected calibration error before temperature scaling | {calibration['ece_before']:.4f} |\n" in card
+        assert f"| ECE with the temperature fitted on the other half of these images | " \
+               f"{calibration['ece_cross_fitted']:.4f} |\n| examples | {num_val} |" in card
         assert "Out-of-scope uses" in card and "faces or people" in card.lower()
