@@ -96,6 +96,8 @@ class RunConfig:
 class TuneConfig:
     num_samples: int = _f(8, "trials to run (each a full training run)")
     scheduler: str = _f("asha", "early stopping of poor trials", ("asha", "fifo"))
+    search: str = _f("random", "how trials are sampled: at random, or by Optuna's TPE from the results so far",
+                     ("random", "tpe"))
     max_concurrent_trials: Optional[int] = _f(None, "trials at once (default: what the cluster's CPUs fit)")
     search_space: Optional[str] = _f(None, "YAML file with the full search space (replaces the flags below)")
     models: Optional[tuple[str, ...]] = _f(None, "models to compare (default: all registered)")

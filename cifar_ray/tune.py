@@ -9,6 +9,11 @@ loop, config and checkpoints as `python -m cifar_ray.train`. The data is read, d
 split once and shared by every trial. ASHA stops poor trials early (--scheduler fifo to
 run all of them to the end).
 
+Each model brings its recipe into the search (conditioned_space): fast_resnet keeps its
+optimizer, schedule and regularization and searches near its own learning rate, while the
+notebook's CNNs search optimizer, LR, augmentation and batch. Optuna samples that space at
+random or, with --search tpe, by TPE from the trials so far.
+
 A search-space YAML maps config field names (the CLI's, without dashes) to a sampler, or
 to a plain value to fix it:
 
@@ -29,33 +34,76 @@ import csv
 import io
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import yaml
 
-from cifar_ray.config import Config, choices_of, config_from_args, with_global_batch
+from cifar_ray.config import (MODEL_RECIPES, Config, TuneConfig, choices_of, config_from_args, flatten,
+                              with_global_batch, with_recipe)
 from cifar_ray.data import DataInfo
 from cifar_ray.train import SCORE_METRIC
 
 SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
-SEARCHED = ("model", "optimizer", "lr", "augment", "batch_size")
+SEARCHED = ("model", "optimizer", "lr", "weight_decay", "augment", "batch_size")
 
 
-def search_space(cfg: Config) -> dict:
-    """The Tune search space: the YAML file if given, else the defaults narrowed by flags."""
-    from ray import tune
+def make_search(cfg: Config) -> tuple[dict, object]:
+    """(Tune's param_space, its search algorithm).
 
-    if cfg.tune.search_space:
-        return parse_search_space(yaml.safe_load(Path(cfg.tune.search_space).read_text()) or {})
+    Without a YAML file, Optuna samples the space conditioned on the model (conditioned_space):
+    at random, or with TPE (--search tpe). A YAML file's space is sampled by Tune itself (grid
+    included), or by TPE.
+    """
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
     t = cfg.tune
+    sampler = (optuna.samplers.TPESampler(seed=cfg.train.seed) if t.search == "tpe"
+               else optuna.samplers.RandomSampler(seed=cfg.train.seed))
+    if not t.search_space:
+        # metric and mode here too: Tune hands them only to a searcher it gives a space to
+        return {}, OptunaSearch(space=partial(conditioned_space, t=t), sampler=sampler,
+                                metric=SCORE_METRIC, mode="max")
+    space = parse_search_space(yaml.safe_load(Path(t.search_space).read_text()) or {})
+    if t.search == "random":
+        return space, None
+    if any(isinstance(v, dict) and "grid_search" in v for v in space.values()):
+        raise ValueError("search space: a grid runs with --search random; TPE samples distributions")
+    return space, OptunaSearch(sampler=sampler)
+
+
+def conditioned_space(trial, t: TuneConfig) -> None:
+    """Optuna's define-by-run space: the model first, then what that model searches.
+
+    A model with a recipe (config.MODEL_RECIPES) keeps its optimizer, schedule, batch and
+    regularization, and searches its learning rate and weight decay around the recipe's: a
+    mixed search compares it at its best, not at settings made for the notebook's CNN. The
+    other models search the notebook's space, narrowed by the flags. Fields are named
+    <model>/<field> (Ray nests them under the model's name; trial_config reads them), so
+    each model's history in the searcher stays its own.
+    """
+    model = trial.suggest_categorical("model", list(t.models or choices_of("model")))
+    recipe = MODEL_RECIPES.get(model)
+    if recipe:
+        trial.suggest_float(f"{model}/lr", recipe["lr"] / 2, recipe["lr"] * 2, log=True)
+        trial.suggest_float(f"{model}/weight_decay", recipe["weight_decay"] / 3, recipe["weight_decay"] * 3, log=True)
+        return
     low, high = t.lr_range or (1e-4, 1e-1)
-    return {
-        "model": tune.choice(list(t.models or choices_of("model"))),
-        "optimizer": tune.choice(list(t.optimizers or choices_of("optimizer"))),
-        "lr": tune.loguniform(low, high),
-        "augment": tune.choice(list(t.augments or choices_of("augment"))),
-        "batch_size": tune.choice(list(t.batch_sizes or (64, 128, 256))),
-    }
+    trial.suggest_categorical(f"{model}/optimizer", list(t.optimizers or choices_of("optimizer")))
+    trial.suggest_float(f"{model}/lr", low, high, log=True)
+    trial.suggest_categorical(f"{model}/augment", list(t.augments or choices_of("augment")))
+    trial.suggest_categorical(f"{model}/batch_size", list(t.batch_sizes or (64, 128, 256)))
+
+
+def trial_config(params: dict, base: Config) -> Config:
+    """A trial's config: the experiment's, then the sampled model's recipe, then the sampled
+    fields (those of a conditioned space sit under the model's name). The experiment's epochs
+    stay unless sampled: ASHA's rungs count them."""
+    model = params.get("model", base.model.model)
+    sampled = {k: v for k, v in params.items() if not isinstance(v, dict)}
+    sampled.update(params.get(model, {}))
+    return with_recipe(base, model).with_overrides({"epochs": base.train.epochs, **sampled})
 
 
 def parse_search_space(spec: dict) -> dict:
@@ -94,8 +142,8 @@ def run_trial(params: dict, base: dict, train, val, info: DataInfo, trials_dir: 
     from cifar_ray import tracking
     from cifar_ray.train import make_trainer, write_run_outputs
 
-    cfg = with_global_batch(Config.from_dict(base).with_overrides(
-        {**params, "name": tune.get_context().get_trial_id(), "storage_path": trials_dir}))
+    cfg = with_global_batch(trial_config(params, Config.from_dict(base)).with_overrides(
+        {"name": tune.get_context().get_trial_id(), "storage_path": trials_dir}))
     run_id = tracking.start_run(tracking_uri, cfg, kind="trial", parent_run_id=parent_run_id)
     started = time.perf_counter()
     with tracking.run_status(tracking_uri, run_id):
@@ -154,12 +202,14 @@ def run(cfg: Config) -> dict:
         print(f"resuming experiment {experiment_dir}", flush=True)
         tuner = tune.Tuner.restore(experiment_dir, trainable=trainable, resume_errored=True)
     else:
+        param_space, search_alg = make_search(cfg)
         tuner = tune.Tuner(
             trainable,
-            param_space=search_space(cfg),
+            param_space=param_space,
             tune_config=tune.TuneConfig(
                 num_samples=cfg.tune.num_samples,
                 max_concurrent_trials=concurrent,
+                search_alg=search_alg,
                 scheduler=make_scheduler(cfg),
                 metric=SCORE_METRIC,
                 mode="max",
@@ -191,7 +241,8 @@ def make_scheduler(cfg: Config):
 
 
 def leaderboard_rows(cfg: Config, results) -> list[dict]:
-    """One row per trial: sampled fields, best val accuracy, epochs, early stop; best first."""
+    """One row per trial: the fields it trained with, best val accuracy, epochs, early stop,
+    and its overhead (the trial's time less its epochs'); best first."""
     rows = []
     for result in results:
         history = result.metrics_dataframe
@@ -199,14 +250,15 @@ def leaderboard_rows(cfg: Config, results) -> list[dict]:
             continue  # a trial that failed before its first epoch
         best = history.loc[history[SCORE_METRIC].idxmax()]
         epochs_run = int(history["epoch"].max())
-        planned = result.config.get("epochs", cfg.train.epochs)
+        trained = flatten(trial_config(result.config, cfg).to_dict())
         rows.append({
             "trial": result.metrics["trial_id"],
-            **{k: v for k, v in result.config.items() if k in SEARCHED or not isinstance(v, dict)},
+            **{k: trained[k] for k in SEARCHED},
             "best_val_accuracy": round(float(best[SCORE_METRIC]), 4),
             "best_epoch": int(best["epoch"]),
             "epochs_run": epochs_run,
-            "stopped_early": result.error is None and epochs_run < planned,
+            "overhead_s": round(float(history["time_total_s"].iloc[-1] - history["epoch_time_s"].sum()), 1),
+            "stopped_early": result.error is None and epochs_run < trained["epochs"],
             "status": "error" if result.error else "done",
             "val_accuracy_by_epoch": [round(float(v), 4) for v in history[SCORE_METRIC]],
         })
@@ -286,7 +338,7 @@ def describe(cfg: Config) -> str:
     """What an experiment will do, in the first lines a user sees."""
     t = cfg.tune
     space = t.search_space or f"models {', '.join(t.models or choices_of('model'))}"
-    return (f"tune {t.num_samples} trials ({space}; {t.scheduler} scheduler) on {cfg.data.data}, "
+    return (f"tune {t.num_samples} trials ({space}; {t.search} search, {t.scheduler} scheduler) on {cfg.data.data}, "
             f"up to {cfg.train.epochs} epochs each\nresults: {cfg.run.storage_path}/{cfg.run.name}")
 
 

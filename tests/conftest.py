@@ -80,6 +80,15 @@ def subprocess_env(ray_cluster) -> dict:
             "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
+def train_worker_pids(address: str) -> set[int]:
+    """PIDs of the live Ray Train workers, from Ray's state API."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"),
+                                                   ("state", "=", "ALIVE")], detail=True)
+    return {a.pid for a in actors if a.pid}
+
+
 def saving_weights_loop(weights_dir: str):
     """The real per-worker loop, then each worker saves the weights it ended with."""
     from cifar_ray.train_loop import train_loop_per_worker

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import train_worker_pids
 
 from cifar_ray.checkpoint import checkpoint_names, load_checkpoint, read_metadata
 
@@ -44,15 +45,6 @@ def wait_for(condition, timeout: float, what: str):
             return value
         time.sleep(0.2)
     raise TimeoutError(f"gave up after {timeout:.0f} s waiting for {what}")
-
-
-def train_worker_pids(address: str) -> set[int]:
-    """PIDs of the live Ray Train workers, from Ray's state API."""
-    from ray.util.state import list_actors
-
-    actors = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"),
-                                                   ("state", "=", "ALIVE")], detail=True)
-    return {a.pid for a in actors if a.pid}
 
 
 def history_epochs(run_dir: Path) -> list[int]:
