@@ -3,8 +3,9 @@
     python -m cifar_ray.evaluate --checkpoint runs/NAME/epoch_0020 --data ../shared/data/cifar10/train
     python -m cifar_ray.evaluate --checkpoint s3://bucket/runs/NAME/epoch_0020 --data cifar10 --out report/
 
-A pool of model actors predicts every row of --data (for `cifar10`, its test split); the
-driver turns the predictions into metrics and prints them as JSON. With --out it also
+A pool of model actors predicts every row of --data (for `cifar10`, its test split); up to
+IN_DRIVER_ROWS rows with one actor asked for, the driver predicts them itself, which starts
+faster. The driver turns the predictions into metrics and prints them as JSON. With --out it also
 writes the audit: metrics.json, confusion_matrix.png, per_class.png, reliability.png,
 errors.png and MODEL_CARD.md.
 """
@@ -22,6 +23,10 @@ from cifar_ray.calibration import TEMPERATURE_KEY, apply_temperature, cross_fitt
 from cifar_ray.checkpoint import METADATA_FILE, load_checkpoint, local_checkpoint, read_metadata, write_file
 
 ERRORS_SHOWN = 16
+# Up to this many rows are scored by the driver itself, not by a pool of model actors: a
+# pool costs 5-6 s to start (a process, TensorFlow, the model), and the driver scored
+# 10,000 images 2-5x faster than one actor (benchmarks/scoring.py, benchmarks/README.md).
+IN_DRIVER_ROWS = 10_000
 
 
 class Predictor:
@@ -90,17 +95,17 @@ class Collected:
 def collect_predictions(ds, errors_kept: int = ERRORS_SHOWN, total: int | None = None):
     """(labels, probabilities, most confident errors) of a predicted dataset. Progress goes
     to stderr, towards `total` rows when it is known."""
-    return collect_parts(ds, 1, errors_kept, total)[0]
+    return collect_parts(ds.iter_batches(batch_size=4096, batch_format="numpy"), 1, errors_kept, total)[0]
 
 
-def collect_parts(ds, num_parts: int, errors_kept: int = ERRORS_SHOWN, total: int | None = None) -> list:
-    """collect_predictions for each part of a dataset whose `part` column (0..num_parts-1)
-    says which dataset a row came from; a dataset without it is one part."""
+def collect_parts(batches, num_parts: int, errors_kept: int = ERRORS_SHOWN, total: int | None = None) -> list:
+    """collect_predictions for each part of predicted batches whose `part` column
+    (0..num_parts-1) says which dataset a row came from; batches without it are one part."""
     from cifar_ray.progress import Progress
 
     parts = [Collected(errors_kept) for _ in range(num_parts)]
     progress = Progress("evaluate", total)
-    for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
+    for batch in batches:
         progress.update(len(batch["label"]))
         if "part" not in batch:
             parts[0].add(batch)
@@ -144,14 +149,24 @@ def evaluate_datasets(checkpoint: str, parts: list[tuple], num_actors: int = 1, 
         tagged = [ds.map_batches(_tag_part, fn_kwargs={"part": i}, batch_format="numpy")
                   for i, (ds, _, _) in enumerate(parts)]
         ds = tagged[0].union(*tagged[1:])
-    predicted = predict_dataset(ds, checkpoint, num_actors, tta=tta, raw=calibrate)
-    collected = collect_parts(predicted, len(parts), total=total)
+    batches = predicted_batches(ds, checkpoint, num_actors, tta, raw=calibrate, total=total)
+    collected = collect_parts(batches, len(parts), total=total)
     calibration = None
     if calibrate:
         metadata, calibration = calibrate_checkpoint(checkpoint, metadata, *collected[0][:2])
         collected = [calibrated(result, metadata) for result in collected]
     return [audit(checkpoint, metadata, data, outs, tta, *result, calibration=calibration if i == 0 else None)
             for i, ((_, data, outs), result) in enumerate(zip(parts, collected))]
+
+
+def predicted_batches(ds, checkpoint: str, num_actors: int, tta: bool, raw: bool, total: int | None):
+    """The dataset's batches with a `probabilities` column. Up to IN_DRIVER_ROWS rows and
+    one actor asked for, this process scores them itself; else a pool of model actors."""
+    if num_actors == 1 and total is not None and total <= IN_DRIVER_ROWS:
+        predictor = Predictor(checkpoint, tta, raw)
+        return map(predictor, ds.iter_batches(batch_size=512, batch_format="numpy"))
+    return predict_dataset(ds, checkpoint, num_actors, tta=tta, raw=raw).iter_batches(
+        batch_size=4096, batch_format="numpy")
 
 
 def calibrate_checkpoint(checkpoint: str, metadata: dict, labels: np.ndarray,
