@@ -365,4 +365,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the copy imported as cifar_ray.tune: Tune pickles the searcher's space with plain
+    # pickle, which must name cifar_ray.tune.conditioned_space, not __main__'s, for a resume
+    # from any other entry point (`cifar-ray tune`, a test) to load it.
+    from cifar_ray.tune import main as tune_main
+
+    tune_main()

@@ -109,7 +109,8 @@ def experiment(ray_cluster, tmp_path_factory):
            "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
     def trial_folders() -> list[Path]:
-        return sorted(p for p in trials.glob("*") if p.is_dir())
+        """Oldest activity first: trial IDs from a searcher are random, not in start order."""
+        return sorted((p for p in trials.glob("*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
 
     first = subprocess.Popen([sys.executable, "-m", "cifar_ray.tune", *tune_flags(cfg)], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
