@@ -31,14 +31,12 @@ def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarr
     return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def cross_entropy(labels: np.ndarray, probabilities: np.ndarray) -> float:
-    return float(-np.mean(np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-30, 1.0))))
-
-
 def fit_temperature(labels: np.ndarray, probabilities: np.ndarray) -> float:
     """The T in [0.05, 20] that minimises the cross-entropy of the scaled probabilities
     (convex in 1/T: a bounded scalar search over log T finds it)."""
     from scipy.optimize import minimize_scalar
+
+    from cifar_ray.report import cross_entropy
 
     def loss(log_t: float) -> float:
         return cross_entropy(labels, apply_temperature(probabilities, float(np.exp(log_t))))

@@ -5,9 +5,9 @@
 
 A pool of model actors predicts every row of --data (for `cifar10`, its test split); up to
 IN_DRIVER_ROWS rows with one actor asked for, the driver predicts them itself, which starts
-faster. The driver turns the predictions into metrics and prints them as JSON. With --out it also
-writes the audit: metrics.json, confusion_matrix.png, per_class.png, reliability.png,
-errors.png and MODEL_CARD.md.
+faster. The driver turns the predictions into metrics and prints them as JSON. With --out
+it also writes the audit: metrics.json, confusion_matrix.png, per_class.png,
+reliability.png, errors.png and MODEL_CARD.md.
 """
 
 from __future__ import annotations
@@ -134,8 +134,8 @@ def evaluate_dataset(ds, checkpoint: str, data: dict, outs: tuple[str, ...] = ()
 
 def evaluate_datasets(checkpoint: str, parts: list[tuple], num_actors: int = 1, tta: bool = False,
                       total: int | None = None, calibrate: bool = False) -> list[dict]:
-    """evaluate_dataset for each (ds, data, outs) of `parts`, in one pass of one pool of
-    model actors: the checkpoint is loaded once, however many datasets it is scored on
+    """evaluate_dataset for each (ds, data, outs) of `parts`, in one pass of the model
+    (predicted_batches): the checkpoint is loaded once, however many datasets it is scored on
     (the end of a training run audits on the validation split and scores on the gate's
     evaluation set).
 

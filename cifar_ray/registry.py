@@ -228,7 +228,7 @@ def register_run(cfg: Config, run_id: str, checkpoint: str, holdout, info, run_d
         eval_set = choose_eval_set(registry, cfg.registry, registry.champion(), holdout, info.source)
     except Exception as e:
         if audit:
-            evaluate_datasets(checkpoint, [audit], calibrate=True)
+            evaluate_datasets(checkpoint, [audit], total=audit[0].count(), calibrate=True)
         raise _registration_failed(e, uri, run_dir, checkpoint) from None
     audited, candidate = audit_and_score(checkpoint, eval_set, audit)
     tags = {"run": cfg.run.name, "run_dir": run_dir, "git_commit": tracking.git_commit(),

@@ -41,7 +41,7 @@ def compute_metrics(labels: np.ndarray, probabilities: np.ndarray, class_names: 
     return {
         "examples": int(n),
         "accuracy": float(np.mean(predicted == labels)),
-        "loss": float(np.mean(-np.log(np.clip(probabilities[np.arange(n), labels], 1e-7, 1.0)))),
+        "loss": cross_entropy(labels, probabilities),
         "top5_accuracy": float(np.mean((top5 == labels[:, None]).any(1))),
         "mean_class_accuracy": mean_class_accuracy,
         "worst_class": class_names[worst],
@@ -51,6 +51,11 @@ def compute_metrics(labels: np.ndarray, probabilities: np.ndarray, class_names: 
         "per_class": per_class,
         "confusion_matrix": confusion.tolist(),
     }
+
+
+def cross_entropy(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """Mean cross-entropy, clipped as Keras clips it (1e-7), so it matches Keras's loss."""
+    return float(np.mean(-np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0))))
 
 
 def calibration_bins(labels: np.ndarray, probabilities: np.ndarray, bins: int = ECE_BINS):

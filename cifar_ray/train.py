@@ -89,9 +89,9 @@ def run(cfg: Config, train_loop=None) -> dict:
 def audit_and_register_best(cfg: Config, run_id: str, summary: dict, val, holdout, info: DataInfo) -> dict:
     """Calibrate the best checkpoint and audit it on the validation split (metrics, figures,
     MODEL_CARD.md, into the run folder and the checkpoint itself, so the model carries it),
-    and register it through the gate: one model pass for all three. The registry's decision goes into `summary`
-    and summary.json; a registry that cannot be reached is recorded there too, and its
-    error raised. Returns the audit's metrics."""
+    and register it through the gate: one model pass for all three. The registry's
+    decision and the calibration go into `summary` and summary.json; a registry that cannot
+    be reached is recorded there too, and its error raised. Returns the audit's metrics."""
     from cifar_ray.registry import register_run
     from cifar_ray.tracking import TrackingUnavailable
 

@@ -262,7 +262,7 @@ def test_fit_takes_exactly_the_planned_steps_per_epoch(ray_cluster):
     assert int(model.optimizer.iterations) == 2 * steps
 
 
-def test_one_and_two_workers_see_the_same_learning_rate_per_epoch(two_worker_run):
+def test_two_workers_step_and_set_the_lr_exactly_as_planned_and_as_one_worker_would(two_worker_run):
     """The 2-worker run's step counter and LR per epoch are the plan's, exactly, and a
     1-worker plan of the same run gives the same LR at every epoch end. (A real 1-worker
     run is held to the same plan in test_faults' driver test.)"""
