@@ -174,8 +174,9 @@ def calibrate_checkpoint(checkpoint: str, metadata: dict, labels: np.ndarray,
     """Fit the temperature on (labels, raw probabilities) and store it in the checkpoint's
     metadata.json. Returns (the new metadata, what calibration did to the ECE)."""
     temperature = fit_temperature(labels, raw)
-    metadata = {**metadata, TEMPERATURE_KEY: temperature}
-    write_file(checkpoint, METADATA_FILE, json.dumps(metadata, indent=2).encode())
+    if metadata.get(TEMPERATURE_KEY) != temperature:  # a rerun of a finished run fits the same
+        metadata = {**metadata, TEMPERATURE_KEY: temperature}
+        write_file(checkpoint, METADATA_FILE, json.dumps(metadata, indent=2).encode())
     return metadata, {
         "temperature": temperature,
         "ece_before": report.expected_calibration_error(labels, raw),

@@ -77,9 +77,14 @@ def run(cfg: Config, train_loop=None) -> dict:
     print(f"tracking: MLflow run {run_id} in {uri}", flush=True)
     with tracking.run_status(uri, run_id):
         tracking.log_data_info(uri, run_id, info)
-        trainer = make_trainer(cfg, train, val, info, train_loop, callbacks=(tracking.EpochLogger(uri, run_id),))
-        result = fit_or_explain(trainer, cfg)
-        summary = write_run_outputs(cfg, result, wall_time_s=time.perf_counter() - started)
+        checkpoints = trained_already(cfg)
+        if checkpoints:
+            print(f"all {cfg.train.epochs} epochs of {cfg.run.name} are trained already: no worker group "
+                  "starts (raise --epochs to train further)", flush=True)
+        else:
+            trainer = make_trainer(cfg, train, val, info, train_loop, callbacks=(tracking.EpochLogger(uri, run_id),))
+            checkpoints = checkpoints_of(fit_or_explain(trainer, cfg))
+        summary = write_run_outputs(cfg, *checkpoints, wall_time_s=time.perf_counter() - started)
         audit = audit_and_register_best(cfg, run_id, summary, val, holdout, info)
         log_audit_to_tensorboard(summary, audit)
         tracking.log_outputs(uri, run_id, summary["run_dir"])
@@ -219,21 +224,39 @@ def check_storage_writable(storage_path: str) -> None:
         raise PermissionError(f"--storage-path {storage_path} is not writable ({e})") from None
 
 
-def write_run_outputs(cfg: Config, result, wall_time_s: float) -> dict:
+def checkpoints_of(result) -> tuple[str, str, str]:
+    """(run folder, latest checkpoint, best checkpoint) of a finished Ray Train run."""
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {result.path} reported no checkpoint")
+    best = result.get_best_checkpoint(SCORE_METRIC, "max") or result.checkpoint
+    return result.path, result.checkpoint.path, best.path
+
+
+def trained_already(cfg: Config) -> tuple[str, str, str] | None:
+    """checkpoints_of a rerun whose last epoch is trained already, read from its folder
+    (Ray Train keeps the best checkpoints and the latest); None when there is work left."""
+    from cifar_ray.checkpoint import best_checkpoint_in, checkpoint_names
+
+    run_dir = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
+    names = checkpoint_names(run_dir)
+    if not names or int(names[-1].removeprefix("epoch_")) < cfg.train.epochs:
+        return None
+    return run_dir, f"{run_dir}/{names[-1]}", best_checkpoint_in(run_dir, SCORE_METRIC)
+
+
+def write_run_outputs(cfg: Config, run_dir: str, latest_checkpoint: str, best_checkpoint: str,
+                      wall_time_s: float) -> dict:
     """summary.json, history.csv and curves.png next to the checkpoints."""
     from cifar_ray.checkpoint import local_checkpoint, read_metadata, write_file
     from cifar_ray.report import history_csv, plot_curves
 
-    if result.checkpoint is None:
-        raise RuntimeError(f"run {cfg.run.name} reported no checkpoint")
-    with local_checkpoint(result.checkpoint.path) as latest:
+    with local_checkpoint(latest_checkpoint) as latest:
         history = read_metadata(latest)["history"]
-    best_checkpoint = result.get_best_checkpoint(SCORE_METRIC, "max") or result.checkpoint
     best = max(history, key=lambda m: m[SCORE_METRIC])
     summary = {
         "run": cfg.run.name,
-        "run_dir": result.path,
-        "best_checkpoint": best_checkpoint.path,
+        "run_dir": run_dir,
+        "best_checkpoint": best_checkpoint,
         "best_epoch": best["epoch"],
         "best_val_accuracy": best["val_accuracy"],
         "best_val_loss": best["val_loss"],
@@ -243,8 +266,8 @@ def write_run_outputs(cfg: Config, result, wall_time_s: float) -> dict:
         "config": cfg.to_dict(),
     }
     write_summary(summary)
-    write_file(result.path, "history.csv", history_csv(history).encode())
-    write_file(result.path, "curves.png", plot_curves(history, title=f"{cfg.model.model} · {cfg.run.name}"))
+    write_file(run_dir, "history.csv", history_csv(history).encode())
+    write_file(run_dir, "curves.png", plot_curves(history, title=f"{cfg.model.model} · {cfg.run.name}"))
     return summary
 
 

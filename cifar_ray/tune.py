@@ -140,7 +140,7 @@ def run_trial(params: dict, base: dict, train, val, info: DataInfo, trials_dir: 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from cifar_ray import tracking
-    from cifar_ray.train import make_trainer, write_run_outputs
+    from cifar_ray.train import checkpoints_of, make_trainer, write_run_outputs
 
     cfg = with_global_batch(trial_config(params, Config.from_dict(base)).with_overrides(
         {"name": tune.get_context().get_trial_id(), "storage_path": trials_dir}))
@@ -151,7 +151,7 @@ def run_trial(params: dict, base: dict, train, val, info: DataInfo, trials_dir: 
         # epoch it stopped on must still be logged.
         callbacks = (tracking.EpochLogger(tracking_uri, run_id), TuneReportCallback())
         result = make_trainer(cfg, train, val, info, callbacks=callbacks).fit()
-        summary = write_run_outputs(cfg, result, wall_time_s=time.perf_counter() - started)
+        summary = write_run_outputs(cfg, *checkpoints_of(result), wall_time_s=time.perf_counter() - started)
         tracking.log_outputs(tracking_uri, run_id, summary["run_dir"])
 
 

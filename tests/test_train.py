@@ -127,10 +127,10 @@ def test_run_folder_has_summary_history_and_curves(two_worker_run):
     assert (run_dir / "summary.json").is_file()
 
 
-def test_a_full_disk_fails_clearly_and_a_rerun_resumes_from_the_last_good_checkpoint(two_worker_run):
+def test_a_full_disk_fails_clearly_and_a_rerun_resumes_from_the_last_good_checkpoint(two_worker_run, capsys):
     """Saving epoch 3 hits a full disk: one clear error, epochs 1-2 intact and the cut-short
     folder not counted. The rerun with the same name trains epoch 3 only; one more rerun,
-    with nothing left to train, trains nothing and registers no second version."""
+    with nothing left to train, starts no worker group and registers no second version."""
     cfg, first, _ = two_worker_run
     run_dir = Path(first["run_dir"])
     before = (run_dir / "history.csv").read_text().splitlines()
@@ -151,16 +151,18 @@ def test_a_full_disk_fails_clearly_and_a_rerun_resumes_from_the_last_good_checkp
     assert after[3].split(",")[0] == "3"
     assert read_metadata(run_dir / "epoch_0003")["epoch"] == 3
 
-    # Once more, with nothing left to train (a run or Tune trial interrupted as it ended):
-    # the restored run ends cleanly without training. (That it re-reports the last epoch for
-    # Tune is only exercised by test_tune's resume test, when the kill lands that late.)
-    # Its best checkpoint, registered already, is not registered again.
-    trained_at = (run_dir / "epoch_0003" / "metadata.json").stat().st_mtime
+    # Once more, with nothing left to train: the run ends without starting a worker group.
+    # (A Tune trial restored after its last epoch re-reports it instead: test_tune's resume
+    # test, when the kill lands that late.) Its best checkpoint, registered already, is not
+    # registered again.
+    trained_at = (run_dir / "epoch_0003" / "model.keras").stat().st_mtime
     registry = Registry(tracking_uri(cfg))
     versions = len(registry.versions())
+    capsys.readouterr()
     again = run(three)
+    assert "all 3 epochs of two-workers are trained already: no worker group starts" in capsys.readouterr().out
     assert (run_dir / "history.csv").read_text().splitlines() == after
-    assert (run_dir / "epoch_0003" / "metadata.json").stat().st_mtime == trained_at
+    assert (run_dir / "epoch_0003" / "model.keras").stat().st_mtime == trained_at
     assert again["best_val_accuracy"] == summary["best_val_accuracy"]
     assert again["registry"]["version"] == summary["registry"]["version"] and not again["registry"]["promoted"]
     assert len(registry.versions()) == versions
