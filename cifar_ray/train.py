@@ -77,7 +77,7 @@ def run(cfg: Config, train_loop=None) -> dict:
     print(f"tracking: MLflow run {run_id} in {uri}", flush=True)
     with tracking.run_status(uri, run_id):
         tracking.log_data_info(uri, run_id, info)
-        checkpoints = trained_already(cfg)
+        checkpoints = finished_run_checkpoints(cfg)
         if checkpoints:
             print(f"all {cfg.train.epochs} epochs of {cfg.run.name} are trained already: no worker group "
                   "starts (raise --epochs to train further)", flush=True)
@@ -232,7 +232,7 @@ def checkpoints_of(result) -> tuple[str, str, str]:
     return result.path, result.checkpoint.path, best.path
 
 
-def trained_already(cfg: Config) -> tuple[str, str, str] | None:
+def finished_run_checkpoints(cfg: Config) -> tuple[str, str, str] | None:
     """checkpoints_of a rerun whose last epoch is trained already, read from its folder
     (Ray Train keeps the best checkpoints and the latest); None when there is work left."""
     from cifar_ray.checkpoint import best_checkpoint_in, checkpoint_names

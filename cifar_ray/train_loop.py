@@ -36,9 +36,10 @@ def train_loop_per_worker(loop_config: dict, callbacks: tuple = ()) -> keras.Mod
     info = DataInfo(**loop_config["data_info"])
     context = ray.train.get_context()
     policy = precision_policy(cfg.train.mixed_precision, cfg.scaling.use_gpu)
+    per_worker_batch = cfg.train.batch_size // context.get_world_size()
     print(f"worker {context.get_world_rank()}/{context.get_world_size()} on node "
-          f"{ray.get_runtime_context().get_node_id()}, batch "
-          f"{cfg.train.batch_size // context.get_world_size()}, {policy}", file=sys.__stdout__, flush=True)
+          f"{ray.get_runtime_context().get_node_id()}, batch {per_worker_batch}, {policy}",
+          file=sys.__stdout__, flush=True)
     configure_tensorflow(loop_config["threads"])
     # Keras on a tf.data input of unknown length: true, and nothing to act on.
     warnings.filterwarnings("ignore", message="`shuffle=True` was passed")
@@ -57,7 +58,7 @@ def train_loop_per_worker(loop_config: dict, callbacks: tuple = ()) -> keras.Mod
         return model
 
     model.fit(
-        training_input(strategy, ray.train.get_dataset_shard("train"), cfg.train.batch_size, steps_per_epoch),
+        training_input(strategy, ray.train.get_dataset_shard("train"), per_worker_batch, steps_per_epoch),
         validation_data=make_tf_dataset(ray.train.get_dataset_shard("val"), cfg.train.batch_size),
         epochs=cfg.train.epochs,
         initial_epoch=len(history),
@@ -140,7 +141,7 @@ def training_steps_per_epoch(num_train: int, global_batch_size: int, num_workers
     return (num_train // num_workers) // (global_batch_size // num_workers)
 
 
-def training_input(strategy, shard, global_batch_size: int, steps: int):
+def training_input(strategy, shard, per_worker_batch: int, steps: int):
     """The worker's training shard for `fit`: per-worker batches, exactly `steps` of them.
 
     Keras steps once into the end of an input of unknown length, and that call still moves
@@ -151,8 +152,7 @@ def training_input(strategy, shard, global_batch_size: int, steps: int):
     """
     import tensorflow as tf
 
-    per_worker = global_batch_size // strategy.num_replicas_in_sync
-    dataset = make_tf_dataset(shard, per_worker, training=True)
+    dataset = make_tf_dataset(shard, per_worker_batch, training=True)
     dataset = dataset.apply(tf.data.experimental.assert_cardinality(steps))
     return strategy.distribute_datasets_from_function(lambda _: dataset)
 
