@@ -2,7 +2,7 @@
 
     python benchmarks/epoch_timeline.py [--model fast_resnet] [--images 8192] [--epochs 5]
 
-Runs the product's train loop (`train_loop.train_loop_per_worker`: strategy, model, input path,
+Runs the product's train loop (`train_loop.fit_on_this_worker`: strategy, model, input path,
 checkpoint per epoch) in one Ray Train worker on synthetic data, and prints per epoch: the
 training steps' total, median and slowest step; the gap between the last training step
 and the start of validation (Keras waiting for the training iterator to end); and the
@@ -20,7 +20,7 @@ def timeline_loop(loop_config: dict) -> None:
     """The product's train loop (strategy, model, input, reporting) plus a per-step timer."""
     import keras
 
-    from cifar_ray.train_loop import train_loop_per_worker
+    from cifar_ray.train_loop import fit_on_this_worker
 
     class Timeline(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
@@ -43,7 +43,7 @@ def timeline_loop(loop_config: dict) -> None:
                   f"+ end-of-data wait {self.val_start - self.last_step:5.1f} s + validation {now - self.val_start:4.1f} s",
                   file=sys.__stdout__, flush=True)
 
-    train_loop_per_worker(loop_config, callbacks=(Timeline(),))
+    fit_on_this_worker(loop_config, callbacks=(Timeline(),))
 
 
 def main() -> None:

@@ -319,6 +319,12 @@ def with_global_batch(cfg: Config) -> Config:
                                "lr": lr, "lr_batch_size": None})
 
 
+def training_steps_per_epoch(num_train: int, global_batch_size: int, num_workers: int) -> int:
+    """Optimizer steps in one epoch, for any worker count: Ray Train gives each worker an
+    equal share of the training split, and each step takes one full per-worker batch."""
+    return (num_train // num_workers) // (global_batch_size // num_workers)
+
+
 def with_recipe(cfg: Config, model: str) -> Config:
     """`cfg` training `model` with that model's recipe (MODEL_RECIPES), if it has one."""
     return cfg.with_overrides({"model": model, **MODEL_RECIPES.get(model, {})})

@@ -4,8 +4,8 @@
     python -m cifar_ray.train --data ../shared/data/cifar10/train --num-workers 2 --epochs 2
     ray job submit --working-dir . -- python -m cifar_ray.train --num-workers 4 --use-gpu
 
-The driver reads, decodes and splits the data once with Ray Data, then a TensorflowTrainer
-runs `train_loop_per_worker` (train_loop.py) on every worker under MultiWorkerMirroredStrategy. Each epoch
+The driver reads, decodes and splits the data once with Ray Data, then Ray Train
+runs `train_loop_per_worker` (train_loop.py's loop) on every worker under MultiWorkerMirroredStrategy. Each epoch
 every worker streams its shard of freshly augmented images, and rank 0 reports metrics
 and a self-describing checkpoint. Rerunning with the same --name resumes from the latest
 checkpoint; a dead worker restarts the group from it (up to --max-failures).
@@ -26,7 +26,7 @@ from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 
-from cifar_ray.config import TENSORBOARD_DIR, Config, with_global_batch
+from cifar_ray.config import TENSORBOARD_DIR, Config, training_steps_per_epoch, with_global_batch
 from cifar_ray.augment import AUGMENT_TASK_CPUS
 from cifar_ray.data import DataInfo
 
@@ -147,20 +147,27 @@ def resolve_run(cfg: Config, kind: str = "train") -> Config:
 
 def make_trainer(cfg: Config, train, val, info: DataInfo, train_loop=None,
                  callbacks: tuple = ()):
-    """The TensorflowTrainer for one training run; `run` and each Tune trial fit one."""
+    """The Ray Trainer for one training run; `run` and each Tune trial fit one. It is Ray's
+    TensorflowTrainer but for where its backend config comes from (tf_backend.py)."""
     import ray
     import ray.train
-    from ray.train.tensorflow import TensorflowTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from cifar_ray.tf_backend import TensorflowConfig
 
     from cifar_ray.cli import is_quiet
     from cifar_ray.augment import add_augmentation
-    from cifar_ray.train_loop import train_loop_per_worker
 
+    if training_steps_per_epoch(info.num_train, cfg.train.batch_size, cfg.scaling.num_workers) == 0:
+        raise ValueError(f"batch {cfg.train.batch_size} is larger than the {info.num_train} training images "
+                         f"(split across {cfg.scaling.num_workers} workers): an epoch would take no step; "
+                         "lower --batch-size or train on more images")
     cpus_per_worker, threads = plan_resources(cfg, ray.cluster_resources().get("CPU", 1))
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", CONTROLLER_POLL_S)  # read when fit starts
-    return TensorflowTrainer(
+    return DataParallelTrainer(
         train_loop or train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "data_info": asdict(info), "threads": threads},
+        backend_config=TensorflowConfig(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
@@ -180,6 +187,16 @@ def make_trainer(cfg: Config, train, val, info: DataInfo, train_loop=None,
         ),
         datasets={"train": add_augmentation(train, cfg.data.augment), "val": val},
     )
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """What Ray Train runs on every worker: train_loop.py's loop. Imported on the worker, so
+    that neither the driver nor a Tune trial's process imports Keras (5 s) to hand it over.
+    It returns nothing: Ray Train ships the loop's return value to its controller, and a
+    Keras model there cost a pickle and a TensorFlow import."""
+    from cifar_ray.train_loop import fit_on_this_worker
+
+    fit_on_this_worker(loop_config)
 
 
 def log_audit_to_tensorboard(summary: dict, audit: dict) -> None:
@@ -305,4 +322,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # The module's imported copy, not __main__'s: Ray pickles `train_loop_per_worker` by
+    # reference, by this module's name, for workers to import.
+    from cifar_ray.train import main as train_main
+
+    train_main()

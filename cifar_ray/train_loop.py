@@ -1,9 +1,10 @@
 """What runs on each Ray Train worker: build or restore the model, fit it on the worker's
 shard under MultiWorkerMirroredStrategy, and report metrics and a checkpoint every epoch.
 
-train.py (the driver) hands `train_loop_per_worker` to the TensorflowTrainer; Tune's trials
-run the same loop. This is the only training module that imports Keras at the top: the
-driver, and `--help`, never need it.
+Ray Train runs `train.train_loop_per_worker`, which imports this module on the worker and
+calls `fit_on_this_worker`; Tune's trials run the same loop. This is the only training
+module that imports Keras at the top: the driver, each Tune trial's process, and `--help`
+never need it.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from pathlib import Path
 
 import keras
 
-from cifar_ray.config import CLASS_NAMES, IMAGE_SHAPE, TENSORBOARD_DIR, Config
+from cifar_ray.config import CLASS_NAMES, IMAGE_SHAPE, TENSORBOARD_DIR, Config, training_steps_per_epoch
 from cifar_ray.data import DataInfo
 from cifar_ray.progress import format_duration
 
 
-def train_loop_per_worker(loop_config: dict, callbacks: tuple = ()) -> keras.Model:
+def fit_on_this_worker(loop_config: dict, callbacks: tuple = ()) -> keras.Model:
     """Build or restore the model, fit it on this worker's shard, return it.
 
     `callbacks` run before the reporting one (benchmarks/epoch_timeline.py times steps).
@@ -133,12 +134,6 @@ def restore_or_build_model(cfg: Config, info: DataInfo, checkpoint, steps_per_ep
         steps_per_execution=cfg.train.steps_per_execution,
     )
     return model, []
-
-
-def training_steps_per_epoch(num_train: int, global_batch_size: int, num_workers: int) -> int:
-    """Optimizer steps in one epoch, for any worker count: Ray Train gives each worker an
-    equal share of the training split, and each step takes one full per-worker batch."""
-    return (num_train // num_workers) // (global_batch_size // num_workers)
 
 
 def training_input(strategy, shard, per_worker_batch: int, steps: int):

@@ -91,12 +91,12 @@ def train_worker_pids(address: str) -> set[int]:
 
 def saving_weights_loop(weights_dir: str):
     """The real per-worker loop, then each worker saves the weights it ended with."""
-    from cifar_ray.train_loop import train_loop_per_worker
+    from cifar_ray.train_loop import fit_on_this_worker
 
     def loop(loop_config):
         import ray.train
 
-        model = train_loop_per_worker(loop_config)
+        model = fit_on_this_worker(loop_config)
         rank = ray.train.get_context().get_world_rank()
         np.savez(Path(weights_dir) / f"rank{rank}.npz", *model.get_weights())
 
@@ -107,7 +107,7 @@ def full_disk_loop(epoch: int):
     """The real per-worker loop, except that uploading checkpoint `epoch` into the storage
     path fails as a full disk does, at pyarrow's file-system call (Ray Train's upload): part
     of the model file is written, then ENOSPC."""
-    from cifar_ray.train_loop import train_loop_per_worker
+    from cifar_ray.train_loop import fit_on_this_worker
 
     def loop(loop_config):
         import errno
@@ -124,7 +124,7 @@ def full_disk_loop(epoch: int):
             return copy_files(source, destination, *args, **kwargs)
 
         pyarrow.fs.copy_files = copy_until_the_disk_is_full
-        return train_loop_per_worker(loop_config)
+        fit_on_this_worker(loop_config)
 
     return loop
 

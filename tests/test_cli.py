@@ -136,7 +136,8 @@ def test_evaluate_prints_metrics_for_a_parquet_folder(two_worker_run, subprocess
     # The model actor is a new Ray worker: it too imported TensorFlow without a word.
     assert not any(n in result.stderr for n in TF_START_UP_NOISE), result.stderr[-2000:]
     printed = json.loads(result.stdout[result.stdout.index("{"):])
-    assert printed["examples"] == 30 and 0.0 <= printed["accuracy"] <= 1.0 and printed["loss"] > 0
+    # loss 0.0 is right for a model that the temperature sharpened to 1.0 on every image
+    assert printed["examples"] == 30 and 0.0 <= printed["accuracy"] <= 1.0 and printed["loss"] >= 0
     written = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert {k: written[k] for k in printed} == printed
     assert (tmp_path / "report" / "MODEL_CARD.md").is_file()

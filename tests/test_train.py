@@ -168,6 +168,50 @@ def test_a_full_disk_fails_clearly_and_a_rerun_resumes_from_the_last_good_checkp
     assert len(registry.versions()) == versions
 
 
+def tiny_trainer(tmp_path, num_train: int, **overrides):
+    """make_trainer on a one-image dataset that claims `num_train` training images."""
+    import ray.data
+
+    from cifar_ray.config import with_global_batch
+    from cifar_ray.data import DataInfo
+    from cifar_ray.tracking import EpochLogger
+    from cifar_ray.train import make_trainer
+
+    cfg = with_global_batch(PRESETS["smoke"].with_overrides({"storage_path": str(tmp_path), "name": "tiny",
+                                                             **overrides}))
+    images = ray.data.from_items([{"image": np.zeros((32, 32, 3), np.uint8), "label": 0}])
+    info = DataInfo(source="synthetic", num_train=num_train, num_val=1, mean=(0.5,) * 3, std=(0.2,) * 3)
+    return make_trainer(cfg, images, images, info, callbacks=(EpochLogger(f"sqlite:///{tmp_path}/m.db", "run"),))
+
+
+def test_ray_trains_controller_and_a_tune_trial_import_no_tensorflow_to_start_a_run(ray_cluster, tmp_path):
+    """Ray Train's controller, a process per run, unpickles the trainer's run context (the
+    configs, the backend, the MLflow callback); a Tune trial's process hands over the loop.
+    TensorFlow or Keras imported there cost every run and trial seconds (tf_backend.py,
+    train.train_loop_per_worker). A fresh Python unpickles both and has imported neither."""
+    import subprocess
+    import sys
+
+    import cloudpickle
+
+    trainer = tiny_trainer(tmp_path, num_train=256)
+    probe = "import pickle, sys; pickle.load(sys.stdin.buffer); print(sorted({'tensorflow', 'keras'} & set(sys.modules)))"
+    payload = cloudpickle.dumps((trainer.train_run_context, trainer.train_loop_per_worker))
+    result = subprocess.run([sys.executable, "-c", probe], input=payload, capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    assert result.stdout.decode().strip() == "[]"
+
+
+def test_a_batch_larger_than_the_training_split_is_refused_before_any_worker_starts(ray_cluster, tmp_path):
+    """An epoch of no step made Keras's logs empty, and every worker failed on it, restart
+    after restart (seen in a Tune search that drew batch 256 for 240 images)."""
+    with pytest.raises(ValueError, match="batch 64 is larger than the 63 training images"):
+        tiny_trainer(tmp_path, num_train=63)
+    with pytest.raises(ValueError, match="split across 2 workers"):  # 2 x 31 images, 2 x 32 a batch
+        tiny_trainer(tmp_path, num_train=63, num_workers=2)
+    assert tiny_trainer(tmp_path, num_train=64) is not None
+
+
 @pytest.mark.parametrize("workers, cpus_per_worker, expected", [
     (1, None, (1.5, 2)),   # one worker gets what --data-cpus leaves, as 2 TF threads
     (2, None, (0.75, 1)),
@@ -249,7 +293,8 @@ def test_fit_takes_exactly_the_planned_steps_per_epoch(ray_cluster):
     import ray
     import tensorflow as tf
 
-    from cifar_ray.train_loop import training_input, training_steps_per_epoch
+    from cifar_ray.config import training_steps_per_epoch
+    from cifar_ray.train_loop import training_input
 
     images, labels = make_images(10)
     shard = ray.data.from_items([{"image": i, "label": int(l)} for i, l in zip(images, labels)]).iterator()
@@ -269,7 +314,7 @@ def test_two_workers_step_and_set_the_lr_exactly_as_planned_and_as_one_worker_wo
     1-worker plan of the same run gives the same LR at every epoch end. (A real 1-worker
     run is held to the same plan in test_faults' driver test.)"""
     from cifar_ray.models import build_optimizer
-    from cifar_ray.train_loop import training_steps_per_epoch
+    from cifar_ray.config import training_steps_per_epoch
 
     cfg, summary, _ = two_worker_run
     model, metadata = load_checkpoint(Path(summary["run_dir"]) / "epoch_0002")
