@@ -153,15 +153,15 @@ def make_trainer(cfg: Config, train, val, info: DataInfo, train_loop=None,
     import ray.train
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
+    from cifar_ray.augment import add_augmentation
+    from cifar_ray.cli import is_quiet
     from cifar_ray.tf_backend import TensorflowConfig
 
-    from cifar_ray.cli import is_quiet
-    from cifar_ray.augment import add_augmentation
-
-    if training_steps_per_epoch(info.num_train, cfg.train.batch_size, cfg.scaling.num_workers) == 0:
-        raise ValueError(f"batch {cfg.train.batch_size} is larger than the {info.num_train} training images "
-                         f"(split across {cfg.scaling.num_workers} workers): an epoch would take no step; "
-                         "lower --batch-size or train on more images")
+    workers = cfg.scaling.num_workers
+    if training_steps_per_epoch(info.num_train, cfg.train.batch_size, workers) == 0:
+        split = f" (split across {workers} workers)" if workers > 1 else ""
+        raise ValueError(f"batch {cfg.train.batch_size} is larger than the {info.num_train} training "
+                         f"images{split}: an epoch would take no step; lower --batch-size or train on more images")
     cpus_per_worker, threads = plan_resources(cfg, ray.cluster_resources().get("CPU", 1))
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", CONTROLLER_POLL_S)  # read when fit starts
     return DataParallelTrainer(
@@ -169,7 +169,7 @@ def make_trainer(cfg: Config, train, val, info: DataInfo, train_loop=None,
         train_loop_config={"config": cfg.to_dict(), "data_info": asdict(info), "threads": threads},
         backend_config=TensorflowConfig(),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
+            num_workers=workers,
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cpus_per_worker},
         ),
