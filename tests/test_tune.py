@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import train_worker_pids
 
 from cifar_ray.config import MODEL_RECIPES, PRESETS, choices_of
 from cifar_ray.tune import make_search, parse_search_space, trial_config, trial_resources
@@ -114,15 +113,18 @@ def experiment(ray_cluster, tmp_path_factory):
 
     first = subprocess.Popen([sys.executable, "-m", "cifar_ray.tune", *tune_flags(cfg)], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:  # one trial at a time on 2 CPUs: once the second trial has a folder, the first is done
+    def second_trial_checkpointed() -> bool:
+        return any(any(trial.glob("epoch_*/metadata.json")) for trial in trial_folders()[1:])
+
+    try:  # one trial at a time on 2 CPUs: once the second trial has a checkpoint, the first is done
         deadline = time.monotonic() + 240
-        while len(trial_folders()) < 2 and time.monotonic() < deadline and first.poll() is None:
-            time.sleep(0.5)
-        # Killed once the second trial's workers run, not while its placement group is being
-        # made: a group Ray Train creates after its controller died is never removed (the
-        # detached PlacementGroupCleaner was not told of it), and holds its CPUs for good.
-        while not train_worker_pids(ray_cluster) and time.monotonic() < deadline and first.poll() is None:
-            time.sleep(0.5)
+        # Killed once the second trial's workers have saved a checkpoint, not while its
+        # placement group is being made: a group Ray Train creates after its controller died
+        # is never removed (the detached PlacementGroupCleaner was not told of it), and holds
+        # its CPUs for good. (Waiting for live workers was not enough: the state API can
+        # still list the first trial's.)
+        while not second_trial_checkpointed() and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.2)
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=60)
