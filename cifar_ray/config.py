@@ -146,6 +146,11 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
 
+    @property
+    def run_dir(self) -> str:
+        """The run's (or Tune experiment's) folder: <storage-path>/<name>, local or a URI."""
+        return f"{self.run.storage_path.rstrip('/')}/{self.run.name}"
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

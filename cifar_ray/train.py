@@ -130,7 +130,7 @@ def fit_or_explain(trainer, cfg: Config):
             raise
         causes = list(getattr(e, "worker_failures", {}).values()) or [e]
         cause = first_line(causes[0], limit=200).rstrip(".")
-        run_dir = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
+        run_dir = cfg.run_dir
         kept = checkpoint_names(run_dir)
         raise TrainingFailed(
             f"training failed after {cfg.run.max_failures} restart(s) (--max-failures): {cause}. "
@@ -254,7 +254,7 @@ def finished_run_checkpoints(cfg: Config) -> tuple[str, str, str] | None:
     (Ray Train keeps the best checkpoints and the latest); None when there is work left."""
     from cifar_ray.checkpoint import best_checkpoint_in, checkpoint_names
 
-    run_dir = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
+    run_dir = cfg.run_dir
     names = checkpoint_names(run_dir)
     if not names or int(names[-1].removeprefix("epoch_")) < cfg.train.epochs:
         return None

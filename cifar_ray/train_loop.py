@@ -77,7 +77,7 @@ def tensorboard_on_chief(cfg: Config, rank: int) -> list:
 
     if rank != 0:
         return []
-    log_dir = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}/{TENSORBOARD_DIR}"
+    log_dir = f"{cfg.run_dir}/{TENSORBOARD_DIR}"
     try:
         tf.io.gfile.makedirs(log_dir)
     except Exception as e:  # a storage URI TF has no file system for (s3:// without tensorflow-io)

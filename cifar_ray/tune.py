@@ -181,7 +181,7 @@ def run(cfg: Config) -> dict:
     cfg = resolve_run(cfg, kind="tune")
     # Tune's trial table and each trial's epoch lines say more than a progress bar per dataset.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    experiment_dir = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
+    experiment_dir = cfg.run_dir
     check_storage_writable(cfg.run.storage_path)
     uri = tracking.tracking_uri(cfg)
     tracking.check_reachable(uri)
