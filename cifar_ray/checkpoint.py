@@ -189,12 +189,18 @@ def checkpoint_names(run_dir: str) -> list[str]:
     A folder whose upload was cut short (a worker killed while saving) lacks a file and
     is left out; Ray Train never registered it, so resuming skips it too.
     """
+    fs, folders = subfolders(run_dir, "epoch_")
+    return sorted(f.base_name for f in folders if _is_complete(fs, f.path))
+
+
+def subfolders(directory: str, prefix: str) -> tuple:
+    """(file system, infos of the folders in `directory` whose names start with `prefix`);
+    none when `directory` does not exist. Local paths and URIs alike."""
     import pyarrow.fs
 
-    fs, path = pyarrow.fs.FileSystem.from_uri(run_dir if "://" in run_dir else str(Path(run_dir).resolve()))
+    fs, path = pyarrow.fs.FileSystem.from_uri(directory if "://" in directory else str(Path(directory).resolve()))
     infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
-    return sorted(i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
-                  and i.base_name.startswith("epoch_") and _is_complete(fs, i.path))
+    return fs, [i for i in infos if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith(prefix)]
 
 
 def _is_complete(fs, folder: str) -> bool:

@@ -95,7 +95,10 @@ class RunConfig:
 @dataclass(frozen=True)
 class TuneConfig:
     num_samples: int = _f(8, "trials to run (each a full training run)")
-    scheduler: str = _f("asha", "early stopping of poor trials", ("asha", "fifo"))
+    scheduler: str = _f("asha", "asha stops poor trials early; pbt (Population Based Training) has poor "
+                        "trials copy a better one's weights and perturb its --lr and --weight-decay",
+                        ("asha", "fifo", "pbt"))
+    perturbation_interval: int = _f(2, "pbt: epochs between two copy-and-perturb steps")
     search: str = _f("random", "how trials are sampled: at random, or by Optuna's TPE from the results so far",
                      ("random", "tpe"))
     max_concurrent_trials: Optional[int] = _f(None, "trials at once (default: what the cluster's CPUs fit)")
@@ -185,6 +188,9 @@ PRESETS = {
 
 
 # Defaults a model brings with it, applied when it is chosen, under YAML and flags.
+# The training fields Population Based Training changes in the middle of a trial (tune.py).
+PBT_MUTATIONS = ("lr", "weight_decay")
+
 MODEL_RECIPES = {
     # airbench-like: large LR on BatchNorm'd convs, strong weight decay, label smoothing 0.2.
     # 4-epoch probes (benchmarks/README.md): weight decay 5e-3 0.845 val, 5e-4 0.837;

@@ -140,17 +140,30 @@ def build_model(name: str, mean: Sequence[float], std: Sequence[float],
     return MODELS[name](mean, std, patch_covariance)
 
 
+def learning_rate(cfg: TrainConfig, steps_per_epoch: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """cfg.lr, or its schedule over the run's steps (cfg.schedule)."""
+    if cfg.schedule == "constant":
+        return cfg.lr
+    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup_steps else cfg.lr,
+        warmup_target=cfg.lr if warmup_steps else None,
+        warmup_steps=warmup_steps,
+        decay_steps=max(1, cfg.epochs * steps_per_epoch - warmup_steps),
+    )
+
+
+def set_hyperparameters(optimizer: keras.optimizers.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> None:
+    """Give a restored optimizer cfg's learning rate (schedule) and weight decay, keeping its
+    state: its step count, so a schedule goes on where it was, and its momentum. PBT's
+    explore step changes these between two parts of a trial."""
+    optimizer.learning_rate = learning_rate(cfg, steps_per_epoch)
+    optimizer.weight_decay = cfg.weight_decay or None
+
+
 def build_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
     """The optimizer named by cfg.optimizer, with its learning-rate schedule."""
-    lr: float | keras.optimizers.schedules.LearningRateSchedule = cfg.lr
-    if cfg.schedule == "cosine":
-        warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
-        lr = keras.optimizers.schedules.CosineDecay(
-            initial_learning_rate=0.0 if warmup_steps else cfg.lr,
-            warmup_target=cfg.lr if warmup_steps else None,
-            warmup_steps=warmup_steps,
-            decay_steps=max(1, cfg.epochs * steps_per_epoch - warmup_steps),
-        )
+    lr = learning_rate(cfg, steps_per_epoch)
     decay = cfg.weight_decay or None
     if cfg.optimizer == "sgd":
         return keras.optimizers.SGD(lr, momentum=cfg.momentum, nesterov=True, weight_decay=decay)

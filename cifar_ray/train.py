@@ -146,9 +146,13 @@ def resolve_run(cfg: Config, kind: str = "train") -> Config:
 
 
 def make_trainer(cfg: Config, train, val, info: DataInfo, train_loop=None,
-                 callbacks: tuple = ()):
+                 callbacks: tuple = (), start_from=None):
     """The Ray Trainer for one training run; `run` and each Tune trial fit one. It is Ray's
-    TensorflowTrainer but for where its backend config comes from (tf_backend.py)."""
+    TensorflowTrainer but for where its backend config comes from (tf_backend.py).
+
+    `start_from` (a Checkpoint) starts the run from another run's state, as a PBT trial does
+    from the trial it copies; the run's own checkpoints, once it has some, take precedence.
+    """
     import ray
     import ray.train
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
@@ -166,7 +170,8 @@ def make_trainer(cfg: Config, train, val, info: DataInfo, train_loop=None,
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", CONTROLLER_POLL_S)  # read when fit starts
     return DataParallelTrainer(
         train_loop or train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "data_info": asdict(info), "threads": threads},
+        train_loop_config={"config": cfg.to_dict(), "data_info": asdict(info), "threads": threads,
+                           "start_from": start_from},
         backend_config=TensorflowConfig(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers,

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import keras
 
-from cifar_ray.config import CLASS_NAMES, IMAGE_SHAPE, TENSORBOARD_DIR, Config, training_steps_per_epoch
+from cifar_ray.config import (CLASS_NAMES, IMAGE_SHAPE, PBT_MUTATIONS, TENSORBOARD_DIR, Config,
+                              training_steps_per_epoch)
 from cifar_ray.data import DataInfo
 from cifar_ray.progress import format_duration
 
@@ -51,7 +52,8 @@ def fit_on_this_worker(loop_config: dict, callbacks: tuple = ()) -> keras.Model:
 
     steps_per_epoch = training_steps_per_epoch(info.num_train, cfg.train.batch_size, context.get_world_size())
     with strategy.scope():
-        model, history = restore_or_build_model(cfg, info, ray.train.get_checkpoint(), steps_per_epoch)
+        checkpoint = ray.train.get_checkpoint() or loop_config["start_from"]
+        model, history = restore_or_build_model(cfg, info, checkpoint, steps_per_epoch)
     if len(history) >= cfg.train.epochs:
         # Restored after its last epoch (a run or Tune trial interrupted as it finished):
         # report the final metrics again, since Tune may not have seen them.
@@ -117,11 +119,14 @@ def cpu_has_native_bf16() -> bool:
 def restore_or_build_model(cfg: Config, info: DataInfo, checkpoint, steps_per_epoch: int):
     """(model, history so far): from the latest checkpoint when resuming, else fresh."""
     from cifar_ray.checkpoint import load_checkpoint
-    from cifar_ray.models import build_model, build_optimizer
+    from cifar_ray.models import build_model, build_optimizer, set_hyperparameters
 
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             model, metadata = load_checkpoint(directory)
+        saved = Config.from_dict(metadata["config"]).train
+        if any(getattr(saved, k) != getattr(cfg.train, k) for k in PBT_MUTATIONS):  # PBT's explore step
+            set_hyperparameters(model.optimizer, cfg.train, steps_per_epoch)
         return model, metadata["history"]
 
     keras.utils.set_random_seed(cfg.train.seed)

@@ -12,7 +12,8 @@ run all of them to the end).
 Each model brings its recipe into the search (conditioned_space): fast_resnet keeps its
 optimizer, schedule and regularization and searches near its own learning rate, while the
 notebook's CNNs search optimizer, LR, augmentation and batch. Optuna samples that space at
-random or, with --search tpe, by TPE from the trials so far.
+random or, with --search tpe, by TPE from the trials so far. With --scheduler pbt,
+Population Based Training evolves one model's population instead (pbt.py).
 
 A search-space YAML maps config field names (the CLI's, without dashes) to a sampler, or
 to a plain value to fix it:
@@ -39,8 +40,8 @@ from pathlib import Path
 
 import yaml
 
-from cifar_ray.config import (MODEL_RECIPES, Config, TuneConfig, choices_of, config_from_args, flatten,
-                              with_global_batch, with_recipe)
+from cifar_ray.config import (MODEL_RECIPES, PBT_MUTATIONS, Config, TuneConfig, choices_of, config_from_args,
+                              flatten, with_global_batch, with_recipe)
 from cifar_ray.data import DataInfo
 from cifar_ray.train import SCORE_METRIC
 
@@ -59,6 +60,11 @@ def make_search(cfg: Config) -> tuple[dict, object]:
     from ray.tune.search.optuna import OptunaSearch
 
     t = cfg.tune
+    if t.scheduler == "pbt":
+        if t.search == "tpe":
+            raise ValueError("--scheduler pbt evolves its population itself: use it with --search random")
+        return (parse_search_space(yaml.safe_load(Path(t.search_space).read_text()) or {}) if t.search_space
+                else pbt_space(cfg)), None
     sampler = (optuna.samplers.TPESampler(seed=cfg.train.seed) if t.search == "tpe"
                else optuna.samplers.RandomSampler(seed=cfg.train.seed))
     if not t.search_space:
@@ -84,16 +90,38 @@ def conditioned_space(trial, t: TuneConfig) -> None:
     each model's history in the searcher stays its own.
     """
     model = trial.suggest_categorical("model", list(t.models or choices_of("model")))
-    recipe = MODEL_RECIPES.get(model)
-    if recipe:
-        trial.suggest_float(f"{model}/lr", recipe["lr"] / 2, recipe["lr"] * 2, log=True)
-        trial.suggest_float(f"{model}/weight_decay", recipe["weight_decay"] / 3, recipe["weight_decay"] * 3, log=True)
+    ranges = searched_ranges(model, t)
+    if model in MODEL_RECIPES:
+        for field, (low, high) in ranges.items():
+            trial.suggest_float(f"{model}/{field}", low, high, log=True)
         return
-    low, high = t.lr_range or (1e-4, 1e-1)
     trial.suggest_categorical(f"{model}/optimizer", list(t.optimizers or choices_of("optimizer")))
-    trial.suggest_float(f"{model}/lr", low, high, log=True)
+    trial.suggest_float(f"{model}/lr", *ranges["lr"], log=True)
     trial.suggest_categorical(f"{model}/augment", list(t.augments or choices_of("augment")))
     trial.suggest_categorical(f"{model}/batch_size", list(t.batch_sizes or (64, 128, 256)))
+
+
+def searched_ranges(model: str, t: TuneConfig) -> dict[str, tuple[float, float]]:
+    """Log-uniform bounds of the continuous fields searched for `model`: its recipe's learning
+    rate x0.5-2 and weight decay x1/3-3, else --lr-range (the notebook's models)."""
+    recipe = MODEL_RECIPES.get(model)
+    if recipe:
+        return {"lr": (recipe["lr"] / 2, recipe["lr"] * 2),
+                "weight_decay": (recipe["weight_decay"] / 3, recipe["weight_decay"] * 3)}
+    return {"lr": tuple(t.lr_range or (1e-4, 1e-1))}
+
+
+def pbt_space(cfg: Config) -> dict:
+    """PBT's first population: one model (every trial copies another's weights, so all share
+    it), each trial with its own draw of the fields PBT then perturbs (searched_ranges)."""
+    from ray import tune
+
+    models = cfg.tune.models or (cfg.model.model,)
+    if len(models) > 1:
+        raise ValueError(f"--scheduler pbt evolves one model's population; pass one of {', '.join(models)} "
+                         "to --models (or compare models with --scheduler asha)")
+    ranges = searched_ranges(models[0], cfg.tune)
+    return {"model": models[0], **{field: tune.loguniform(*ranges[field]) for field in ranges}}
 
 
 def trial_config(params: dict, base: Config) -> Config:
@@ -147,11 +175,17 @@ def run_trial(params: dict, base: dict, train, val, info: DataInfo, trials_dir: 
     run_id = tracking.start_run(tracking_uri, cfg, kind="trial", parent_run_id=parent_run_id)
     started = time.perf_counter()
     with tracking.run_status(tracking_uri, run_id):
-        # MLflow first: Tune may stop the trial on TuneReportCallback's report, and the
-        # epoch it stopped on must still be logged.
-        callbacks = (tracking.EpochLogger(tracking_uri, run_id), TuneReportCallback())
-        result = make_trainer(cfg, train, val, info, callbacks=callbacks).fit()
-        summary = write_run_outputs(cfg, *checkpoints_of(result), wall_time_s=time.perf_counter() - started)
+        # MLflow first: Tune may stop the trial on the report to Tune, and the epoch it
+        # stopped on must still be logged.
+        logger = tracking.EpochLogger(tracking_uri, run_id)
+        if cfg.tune.scheduler == "pbt":
+            from cifar_ray.pbt import fit_pbt_part
+
+            cfg, checkpoints = fit_pbt_part(cfg, train, val, info, logger)
+        else:
+            checkpoints = checkpoints_of(make_trainer(cfg, train, val, info,
+                                                      callbacks=(logger, TuneReportCallback())).fit())
+        summary = write_run_outputs(cfg, *checkpoints, wall_time_s=time.perf_counter() - started)
         tracking.log_outputs(tracking_uri, run_id, summary["run_dir"])
 
 
@@ -210,11 +244,13 @@ def run(cfg: Config) -> dict:
                 num_samples=cfg.tune.num_samples,
                 max_concurrent_trials=concurrent,
                 search_alg=search_alg,
-                scheduler=make_scheduler(cfg),
+                scheduler=make_scheduler(cfg, param_space),
                 metric=SCORE_METRIC,
                 mode="max",
             ),
-            run_config=tune.RunConfig(name=cfg.run.name, storage_path=cfg.run.storage_path, verbose=1),
+            # Tune keeps checkpoints only under PBT (fit_pbt_part): the last few per trial, to copy
+            run_config=tune.RunConfig(name=cfg.run.name, storage_path=cfg.run.storage_path, verbose=1,
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=4)),
         )
     with tracking.run_status(uri, run_id):
         tracking.log_data_info(uri, run_id, info)
@@ -231,11 +267,24 @@ def run(cfg: Config) -> dict:
     return best
 
 
-def make_scheduler(cfg: Config):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+def make_scheduler(cfg: Config, param_space: dict):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+    from ray.tune.search.sample import Domain
 
     if cfg.tune.scheduler == "fifo":
         return FIFOScheduler()
+    if cfg.tune.scheduler == "pbt":
+        # A distribution is redrawn from; a grid's values are stepped through.
+        mutations = {k: v["grid_search"] if isinstance(v, dict) else v for k, v in param_space.items()
+                     if k in PBT_MUTATIONS and (isinstance(v, Domain) or isinstance(v, dict) and "grid_search" in v)}
+        if not mutations:
+            raise ValueError(f"--scheduler pbt perturbs {' and '.join(PBT_MUTATIONS)}: the search space must "
+                             "sample at least one of them")
+        # Every N epochs, a trial in the bottom quarter copies one in the top quarter and
+        # multiplies each field by 0.8 or 1.2, or moves it one grid value (or redraws it, one
+        # time in four).
+        return PopulationBasedTraining(time_attr="epoch", perturbation_interval=cfg.tune.perturbation_interval,
+                                       hyperparam_mutations=mutations)
     return ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
                          grace_period=1, reduction_factor=2)
 
@@ -261,6 +310,8 @@ def leaderboard_rows(cfg: Config, results) -> list[dict]:
             "stopped_early": result.error is None and epochs_run < trained["epochs"],
             "status": "error" if result.error else "done",
             "val_accuracy_by_epoch": [round(float(v), 4) for v in history[SCORE_METRIC]],
+            # the Ray Train run that saved the best epoch: the trial's folder, or under PBT one part of it
+            "run_folder": best["checkpoint_path"].rsplit("/", 1)[0],
         })
     return sorted(rows, key=lambda r: -r["best_val_accuracy"])
 
@@ -272,14 +323,14 @@ def write_experiment_outputs(cfg: Config, experiment_dir: str, results) -> dict:
     rows = leaderboard_rows(cfg, results)
     if not rows:
         raise RuntimeError(f"no trial of {experiment_dir} finished an epoch; see the errors above")
-    columns = [k for k in rows[0] if k != "val_accuracy_by_epoch"]
+    columns = [k for k in rows[0] if k not in ("val_accuracy_by_epoch", "run_folder")]
     write_file(experiment_dir, "leaderboard.csv", leaderboard_csv(rows, columns).encode())
     table = leaderboard_markdown(rows, columns)
     write_file(experiment_dir, "leaderboard.md", table.encode())
     write_file(experiment_dir, "comparison.png", plot_comparison(rows, title=cfg.run.name))
 
     winner = rows[0]
-    checkpoint = best_checkpoint_in(f"{experiment_dir}/trials/{winner['trial']}")
+    checkpoint = best_checkpoint_in(winner["run_folder"])
     best_dir = f"{experiment_dir}/best"
     copy_checkpoint(checkpoint, best_dir)
     metadata = json.loads(read_file(best_dir, "metadata.json"))

@@ -74,6 +74,73 @@ def test_a_yaml_space_picks_the_recipe_with_the_model_and_tpe_refuses_a_grid(tmp
     assert make_search(cfg.with_overrides({"search_space": str(space)}))[1] is None  # Tune's own sampling
 
 
+def test_pbt_starts_one_models_population_and_perturbs_what_it_searches(tmp_path):
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    from cifar_ray.tune import make_scheduler, searched_ranges
+
+    cfg = PRESETS["smoke"].with_overrides({"scheduler": "pbt", "models": ("fast_resnet",)})
+    space, searcher = make_search(cfg)
+    assert searcher is None and space["model"] == "fast_resnet"  # PBT refuses a searcher
+    for field, (low, high) in searched_ranges("fast_resnet", cfg.tune).items():
+        assert (space[field].lower, space[field].upper) == (low, high)
+    scheduler = make_scheduler(cfg, space)
+    assert isinstance(scheduler, PopulationBasedTraining)
+    assert set(scheduler._hyperparam_mutations) == {"lr", "weight_decay"}
+    notebook = cfg.with_overrides({"models": ("shallow_cnn",), "lr_range": (1e-3, 1e-2)})
+    space = make_search(notebook)[0]
+    assert set(make_scheduler(notebook, space)._hyperparam_mutations) == {"lr"}
+    assert (space["lr"].lower, space["lr"].upper) == (1e-3, 1e-2)
+
+    with pytest.raises(ValueError, match="evolves one model"):
+        make_search(cfg.with_overrides({"models": ("fast_resnet", "shallow_cnn")}))
+    with pytest.raises(ValueError, match="with --search random"):
+        make_search(cfg.with_overrides({"search": "tpe"}))
+    fixed = tmp_path / "space.yaml"
+    fixed.write_text("optimizer: {choice: [adam, sgd]}\n")
+    with_yaml = cfg.with_overrides({"search_space": str(fixed)})
+    with pytest.raises(ValueError, match="must sample at least one"):
+        make_scheduler(with_yaml, make_search(with_yaml)[0])
+
+
+def test_a_run_restored_with_a_perturbed_lr_and_weight_decay_goes_on_with_them(tmp_path):
+    """PBT's explore step: the copied checkpoint's optimizer keeps its step count and
+    momentum, and takes the new peak LR (its schedule goes on at the same step) and weight
+    decay; restored unchanged, it keeps its own."""
+    import keras
+    import numpy as np
+    import ray.train
+
+    from cifar_ray.checkpoint import make_metadata, save_checkpoint
+    from cifar_ray.data import DataInfo
+    from cifar_ray.models import learning_rate
+    from cifar_ray.train_loop import restore_or_build_model
+
+    cfg = PRESETS["smoke"].with_overrides({"model": "shallow_cnn", "optimizer": "sgd", "lr": 0.05,
+                                           "schedule": "cosine", "weight_decay": 1e-3, "epochs": 4})
+    info = DataInfo(source="synthetic", num_train=32, num_val=8, mean=(0.5,) * 3, std=(0.2,) * 3)
+    steps = 4
+    model, _ = restore_or_build_model(cfg, info, None, steps)
+    images = np.random.default_rng(0).integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
+    model.fit(images, keras.utils.to_categorical(np.arange(32) % 10, 10), batch_size=8, epochs=1, verbose=0)
+    save_checkpoint(tmp_path, model, make_metadata(cfg, info, epoch=1, metrics={}, history=[{"epoch": 1}]))
+    checkpoint = ray.train.Checkpoint(str(tmp_path))
+
+    perturbed = cfg.with_overrides({"lr": 0.06, "weight_decay": 8e-4})
+    restored, history = restore_or_build_model(perturbed, info, checkpoint, steps)
+    optimizer = restored.optimizer
+    assert history == [{"epoch": 1}] and int(optimizer.iterations) == steps
+    expected = float(learning_rate(perturbed.train, steps)(steps))
+    assert float(optimizer.learning_rate) == pytest.approx(expected) and optimizer.weight_decay == 8e-4
+    assert expected > float(learning_rate(cfg.train, steps)(steps))
+    momentum = [keras.ops.convert_to_numpy(v) for v in optimizer.variables if "momentum" in v.path]
+    assert momentum and all(np.abs(m).sum() > 0 for m in momentum)  # state kept, not a new optimizer
+
+    same, _ = restore_or_build_model(cfg, info, checkpoint, steps)
+    assert float(same.optimizer.learning_rate) == pytest.approx(float(learning_rate(cfg.train, steps)(steps)))
+    assert same.optimizer.weight_decay == pytest.approx(1e-3)
+
+
 def test_trials_fit_the_cluster_and_leave_cpus_for_data():
     assert trial_resources(PRESETS["smoke"], cluster_cpus=2) == (1, 1.5)
     cfg = PRESETS["smoke"].with_overrides({"num_workers": 2})
@@ -204,3 +271,47 @@ def test_interrupted_experiment_resumes_without_rerunning_finished_trials(experi
     now = {str(p.relative_to(trials)): p.stat().st_mtime for trial in finished
            for p in (trials / trial).glob("epoch_*/metadata.json")}
     assert now == trained_at  # no epoch of a finished trial was trained again, nor a new one
+
+
+@pytest.fixture(scope="module")
+def pbt_experiment(ray_cluster, tmp_path_factory):
+    """A tiny Population Based Training experiment: two trials at once, 3 epochs, a
+    copy-and-perturb step after every epoch. A grid starts the second trial with a learning
+    rate too small to learn anything: it can only do well by copying the first. (Both report
+    each epoch at about the same moment, so the copy is certain only at the second epoch: the
+    third is the last, which Tune sees as the trial's end, not as a step to act on.)"""
+    from cifar_ray.tune import run
+
+    storage = tmp_path_factory.mktemp("pbt")
+    space = storage / "space.yaml"
+    space.write_text("lr: {grid: [0.01, 1.0e-7]}\noptimizer: adam\n")  # the fast trial starts first
+    cfg = PRESETS["smoke"].with_overrides({
+        **TINY, "num_samples": 1, "scheduler": "pbt", "perturbation_interval": 1, "epochs": 3,
+        "max_concurrent_trials": 2, "search_space": str(space), "name": "pbt", "storage_path": str(storage)})
+    with contextlib.redirect_stdout(io.StringIO()):
+        best = run(cfg)
+    return cfg, best
+
+
+def part_histories(trial: Path) -> dict[str, list[dict]]:
+    """{part folder: the history in its latest checkpoint} of one PBT trial."""
+    return {part.name: json.loads(sorted(part.glob("epoch_*/metadata.json"))[-1].read_text())["history"]
+            for part in sorted(trial.glob("part_*"))}
+
+
+def test_a_pbt_trial_that_cannot_learn_copies_the_one_that_can(pbt_experiment):
+    cfg, best = pbt_experiment
+    trials = Path(best["experiment_dir"]) / "trials"
+    parts = {trial.name: part_histories(trial) for trial in trials.iterdir()}
+    lr_at_start = {trial: json.loads(next((trials / trial).glob("part_1/epoch_*/metadata.json")).read_text())
+                   ["config"]["train"]["lr"] for trial in parts}
+    (slow,) = [trial for trial, lr in lr_at_start.items() if lr == 1e-7]
+    (fast,) = set(parts) - {slow}
+    on_its_own = parts[slow]["part_1"][0]["val_accuracy"]  # epoch 1 at lr 1e-7: chance or below
+    assert on_its_own < 0.3 and "part_2" in parts[slow], f"the slow trial copied nothing: {parts[slow]}"
+    assert parts[slow]["part_2"][0] == parts[fast]["part_1"][0]  # its history is now the fast trial's
+    rows = {row["trial"]: row for row in best["leaderboard"]}
+    assert rows[slow]["best_val_accuracy"] > on_its_own + 0.3  # where only the copied weights took it
+    assert {r["epochs_run"] for r in rows.values()} == {cfg.train.epochs}
+    assert best["best_val_accuracy"] == pytest.approx(max(r["best_val_accuracy"] for r in rows.values()), abs=1e-4)
+    assert (Path(best["best_dir"]) / "MODEL_CARD.md").is_file()
