@@ -160,33 +160,33 @@ def make_sampler(name: str, args: list):
     return getattr(tune, name)(*args)  # uniform, loguniform, randint: bounds
 
 
+def trial_run_config(params: dict, trial_id: str, *, base: Config, trials_dir: str) -> Config:
+    """The Config a trial trains with: trial_config, named for the trial, under trials/."""
+    return with_global_batch(trial_config(params, base).with_overrides({"name": trial_id, "storage_path": trials_dir}))
+
+
 def run_trial(params: dict, base: dict, train, val, info: DataInfo, trials_dir: str, tracking_uri: str,
               parent_run_id: str) -> None:
-    """One Tune trial: a Ray Train run with the sampled fields, reporting every epoch to Tune,
-    tracked as a child of the experiment's MLflow run."""
+    """One Tune trial: a Ray Train run with the sampled fields, reporting every epoch to Tune
+    and to the trial's MLflow run, a child of the experiment's (EpochLogger, TrialRuns)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cifar_ray import tracking
+    from cifar_ray.tracking import EpochLogger
     from cifar_ray.train import checkpoints_of, make_trainer, write_run_outputs
 
-    cfg = with_global_batch(trial_config(params, Config.from_dict(base)).with_overrides(
-        {"name": tune.get_context().get_trial_id(), "storage_path": trials_dir}))
-    run_id = tracking.start_run(tracking_uri, cfg, kind="trial", parent_run_id=parent_run_id)
+    cfg = trial_run_config(params, tune.get_context().get_trial_id(), base=Config.from_dict(base), trials_dir=trials_dir)
     started = time.perf_counter()
-    with tracking.run_status(tracking_uri, run_id):
-        # MLflow first: Tune may stop the trial on the report to Tune, and the epoch it
-        # stopped on must still be logged.
-        logger = tracking.EpochLogger(tracking_uri, run_id)
-        if cfg.tune.scheduler == "pbt":
-            from cifar_ray.pbt import fit_pbt_part
+    # MLflow first: Tune may stop the trial on the report to Tune, and the epoch it stopped
+    # on must still be logged.
+    logger = EpochLogger(tracking_uri, trial=cfg, parent_run_id=parent_run_id)
+    if cfg.tune.scheduler == "pbt":
+        from cifar_ray.pbt import fit_pbt_part
 
-            cfg, checkpoints = fit_pbt_part(cfg, train, val, info, logger)
-        else:
-            checkpoints = checkpoints_of(make_trainer(cfg, train, val, info,
-                                                      callbacks=(logger, TuneReportCallback())).fit())
-        summary = write_run_outputs(cfg, *checkpoints, wall_time_s=time.perf_counter() - started)
-        tracking.log_outputs(tracking_uri, run_id, summary["run_dir"])
+        cfg, checkpoints = fit_pbt_part(cfg, train, val, info, logger)
+    else:
+        checkpoints = checkpoints_of(make_trainer(cfg, train, val, info, callbacks=(logger, TuneReportCallback())).fit())
+    write_run_outputs(cfg, *checkpoints, wall_time_s=time.perf_counter() - started)
 
 
 def trial_resources(cfg: Config, cluster_cpus: float) -> tuple[int, float]:
@@ -227,11 +227,13 @@ def run(cfg: Config) -> dict:
           f"{info.num_holdout} held out for the registry's evaluation set", flush=True)
     run_id = tracking.start_run(uri, cfg, kind="tune")
     print(f"tracking: MLflow run {run_id} in {uri} (one child run per trial)", flush=True)
+    trials_dir = f"{experiment_dir}/trials"
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=cfg.to_dict(), train=train, val=val, info=info,
-                             trials_dir=f"{experiment_dir}/trials", tracking_uri=uri, parent_run_id=run_id),
+                             trials_dir=trials_dir, tracking_uri=uri, parent_run_id=run_id),
         {"CPU": 0.01},  # the trial's driver only waits; its Ray Train workers hold the CPUs
     )
+    trial_runs = tracking.TrialRuns(uri, run_id, partial(trial_run_config, base=cfg, trials_dir=trials_dir))
     if tune.Tuner.can_restore(experiment_dir):
         print(f"resuming experiment {experiment_dir}", flush=True)
         tuner = tune.Tuner.restore(experiment_dir, trainable=trainable, resume_errored=True)
@@ -250,7 +252,8 @@ def run(cfg: Config) -> dict:
             ),
             # Tune keeps checkpoints only under PBT (fit_pbt_part): the last few per trial, to copy
             run_config=tune.RunConfig(name=cfg.run.name, storage_path=cfg.run.storage_path, verbose=1,
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=4)),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
+                                      callbacks=[trial_runs]),
         )
     with tracking.run_status(uri, run_id):
         tracking.log_data_info(uri, run_id, info)

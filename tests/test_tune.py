@@ -275,18 +275,18 @@ def test_interrupted_experiment_resumes_without_rerunning_finished_trials(experi
 
 @pytest.fixture(scope="module")
 def pbt_experiment(ray_cluster, tmp_path_factory):
-    """A tiny Population Based Training experiment: two trials at once, 3 epochs, a
+    """A tiny Population Based Training experiment: two trials at once, 4 epochs, a
     copy-and-perturb step after every epoch. A grid starts the second trial with a learning
-    rate too small to learn anything: it can only do well by copying the first. (Both report
-    each epoch at about the same moment, so the copy is certain only at the second epoch: the
-    third is the last, which Tune sees as the trial's end, not as a step to act on.)"""
+    rate too small to learn anything: it can only do well by copying the first. (Tune acts on
+    a report while the trial trains on, and these epochs take seconds: a copy decided after
+    the last epochs can come too late. Decided after epoch 2 or 3, it lands.)"""
     from cifar_ray.tune import run
 
     storage = tmp_path_factory.mktemp("pbt")
     space = storage / "space.yaml"
     space.write_text("lr: {grid: [0.01, 1.0e-7]}\noptimizer: adam\n")  # the fast trial starts first
     cfg = PRESETS["smoke"].with_overrides({
-        **TINY, "num_samples": 1, "scheduler": "pbt", "perturbation_interval": 1, "epochs": 3,
+        **TINY, "num_samples": 1, "scheduler": "pbt", "perturbation_interval": 1, "epochs": 4,
         "max_concurrent_trials": 2, "search_space": str(space), "name": "pbt", "storage_path": str(storage)})
     with contextlib.redirect_stdout(io.StringIO()):
         best = run(cfg)
@@ -294,9 +294,10 @@ def pbt_experiment(ray_cluster, tmp_path_factory):
 
 
 def part_histories(trial: Path) -> dict[str, list[dict]]:
-    """{part folder: the history in its latest checkpoint} of one PBT trial."""
-    return {part.name: json.loads(sorted(part.glob("epoch_*/metadata.json"))[-1].read_text())["history"]
-            for part in sorted(trial.glob("part_*"))}
+    """{part folder: the history in its latest checkpoint} of one PBT trial (a part that Tune
+    stopped again before its first checkpoint has none, and is left out)."""
+    latest = {part.name: sorted(part.glob("epoch_*/metadata.json")) for part in trial.glob("part_*")}
+    return {name: json.loads(files[-1].read_text())["history"] for name, files in sorted(latest.items()) if files}
 
 
 def test_a_pbt_trial_that_cannot_learn_copies_the_one_that_can(pbt_experiment):
@@ -308,8 +309,10 @@ def test_a_pbt_trial_that_cannot_learn_copies_the_one_that_can(pbt_experiment):
     (slow,) = [trial for trial, lr in lr_at_start.items() if lr == 1e-7]
     (fast,) = set(parts) - {slow}
     on_its_own = parts[slow]["part_1"][0]["val_accuracy"]  # epoch 1 at lr 1e-7: chance or below
-    assert on_its_own < 0.3 and "part_2" in parts[slow], f"the slow trial copied nothing: {parts[slow]}"
-    assert parts[slow]["part_2"][0] == parts[fast]["part_1"][0]  # its history is now the fast trial's
+    assert on_its_own < 0.3
+    later = [history for name, history in parts[slow].items() if name != "part_1"]
+    # a later part goes on from the fast trial's checkpoint: its history starts as the fast one's
+    assert any(h[0] == parts[fast]["part_1"][0] for h in later), f"the slow trial copied nothing: {parts[slow]}"
     rows = {row["trial"]: row for row in best["leaderboard"]}
     assert rows[slow]["best_val_accuracy"] > on_its_own + 0.3  # where only the copied weights took it
     assert {r["epochs_run"] for r in rows.values()} == {cfg.train.epochs}
