@@ -307,12 +307,9 @@ def load_training_data(cfg: DataConfig, seed: int):
     ds = add_digests(ds).materialize()  # decoding and hashing happen once, here
     if ds.count() == 0:
         raise DataSourceError(f"--data {cfg.data}: no images (empty source)")
-    rest, holdout = split_off_holdout(ds)
-    train, val = rest.train_test_split(test_size=cfg.val_fraction, shuffle=True, seed=seed)
+    train, val, holdout = split_by_digest(ds, cfg.val_fraction, cfg.limit, seed)
     if train.count() == 0 or val.count() == 0:
         raise DataSourceError(f"--data {cfg.data}: too few images for a train/validation split")
-    if cfg.limit:
-        train = train.limit(cfg.limit).materialize()
     mean, std = compute_normalization(train)
     info = DataInfo(source=cfg.data, num_train=train.count(), num_val=val.count(),
                     mean=tuple(mean), std=tuple(std), skipped_rows=skipped,
@@ -342,18 +339,52 @@ def in_holdout(digests: np.ndarray) -> np.ndarray:
     return digests % HOLDOUT_BUCKETS == 0
 
 
-def _rows_where_holdout_is(batch: dict, holdout: bool) -> dict:
-    keep = in_holdout(batch["digest"]) == holdout
+def seeded_keys(digests: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded pseudo-random uint64 per digest (splitmix64's mixer): ranks images for the split."""
+    x = digests.astype(np.uint64) ^ np.uint64((seed * 0x9E3779B97F4A7C15) % 2**64)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _rows_where(batch: dict, holdout: bool, seed: int, low: int, high: int | None) -> dict:
+    """The batch's rows in the holdout (or not), of seeded key in [low, high), without the digest."""
+    keys = seeded_keys(batch["digest"], seed)
+    keep = (in_holdout(batch["digest"]) == holdout) & (keys >= np.uint64(low))
+    if high is not None:
+        keep &= keys < np.uint64(high)
     return {key: np.asarray(column)[keep] for key, column in batch.items() if key != "digest"}
 
 
-def split_off_holdout(ds):
-    """(the rest, the fixed evaluation set) of a dataset with a `digest` column (add_digests),
-    both materialized, without the column."""
-    def part(holdout: bool):
-        return ds.map_batches(_rows_where_holdout_is, fn_kwargs={"holdout": holdout},
-                              batch_format="numpy").materialize()
-    return part(False), part(True)
+def split_by_digest(ds, val_fraction: float, limit: int | None, seed: int) -> tuple:
+    """(train, validation, holdout) of a dataset with a `digest` column (add_digests), all
+    materialized, without the column.
+
+    Each image's place follows from its pixels' digest, never from row order, which parallel
+    reads change from run to run: the holdout from the digest alone (in_holdout), the rest by a
+    seeded ranking (seeded_keys): the first val_fraction of it is the validation split, and
+    --limit takes the first of the others. So a rerun with the same --seed, a resumed run
+    above all, never trains on images it validated on before.
+    """
+    digests = np.concatenate([b["digest"] for b in ds.select_columns(["digest"]).iter_batches(
+        batch_size=65536, batch_format="numpy")])
+    keys = np.sort(seeded_keys(digests[~in_holdout(digests)], seed))
+    num_val = round(val_fraction * len(keys))
+    val_end = int(keys[num_val]) if num_val < len(keys) else None
+    train_end = int(keys[num_val + limit]) if limit and val_end is not None and num_val + limit < len(keys) else None
+
+    train = _part(ds, False, seed, val_end, train_end) if val_end is not None else _part(ds, False, seed, 0, 0)
+    return train, _part(ds, False, seed, 0, val_end), holdout_of(ds)
+
+
+def holdout_of(ds):
+    """The fixed evaluation set of a dataset with a `digest` column, materialized, without it."""
+    return _part(ds, True)
+
+
+def _part(ds, holdout: bool, seed: int = 0, low: int = 0, high: int | None = None):
+    return ds.map_batches(_rows_where, fn_kwargs={"holdout": holdout, "seed": seed, "low": low, "high": high},
+                          batch_format="numpy").materialize()
 
 
 def data_fingerprint(ds) -> str:

@@ -343,11 +343,11 @@ def register_checkpoint(cfg: Config, checkpoint: str) -> dict:
 
 
 def holdout_of_training_source(cfg: Config):
-    from cifar_ray.data import add_digests, read_source, split_off_holdout
+    from cifar_ray.data import add_digests, holdout_of, read_source
 
     d = cfg.data
     ds = add_digests(read_source(d.data, synthetic_size=d.synthetic_size, seed=cfg.train.seed)).materialize()
-    return split_off_holdout(ds)[1]
+    return holdout_of(ds)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:

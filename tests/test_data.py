@@ -176,6 +176,21 @@ def test_split_is_disjoint_complete_and_seeded(ray_cluster):
     assert all(0 < m < 1 for m in info.mean) and all(0 < s < 1 for s in info.std)
 
 
+def test_split_follows_the_images_not_their_order(ray_cluster, tmp_path):
+    """Parallel reads hand rows over in a different order from run to run: a rerun (a resumed
+    run) must still validate on the same images and, with --limit, train on the same ones."""
+    images, labels = make_images(240, seed=5)
+    order = np.random.default_rng(0).permutation(len(images))
+    splits = []
+    for name, rows in (("as-is", np.arange(len(images))), ("shuffled", order)):
+        root = str(write_parquet_folder(tmp_path / name, images[rows], labels[rows], parts=3))
+        train, val, holdout, _ = load_training_data(DataConfig(data=root, val_fraction=0.25, limit=100), seed=3)
+        splits.append((image_keys(train), image_keys(val), image_keys(holdout)))
+    assert splits[0] == splits[1]
+    train, val, _ = splits[0]
+    assert len(train) == 100 and not train & val
+
+
 def test_limit_caps_training_images_only(ray_cluster):
     train, val, holdout, info = load_training_data(DataConfig(data="synthetic", synthetic_size=200,
                                                            val_fraction=0.1, limit=50), seed=0)
