@@ -187,10 +187,10 @@ PRESETS = {
 }
 
 
-# Defaults a model brings with it, applied when it is chosen, under YAML and flags.
 # The training fields Population Based Training changes in the middle of a trial (tune.py).
 PBT_MUTATIONS = ("lr", "weight_decay")
 
+# Defaults a model brings with it, applied when it is chosen, under YAML and flags.
 MODEL_RECIPES = {
     # airbench-like: large LR on BatchNorm'd convs, strong weight decay, label smoothing 0.2.
     # 4-epoch probes (benchmarks/README.md): weight decay 5e-3 0.845 val, 5e-4 0.837;

@@ -369,7 +369,7 @@ def split_by_digest(ds, val_fraction: float, limit: int | None, seed: int) -> tu
     digests = np.concatenate([b["digest"] for b in ds.select_columns(["digest"]).iter_batches(
         batch_size=65536, batch_format="numpy")])
     keys = np.sort(seeded_keys(digests[~in_holdout(digests)], seed))
-    num_val = round(val_fraction * len(keys))
+    num_val = len(keys) - int(len(keys) * (1 - val_fraction))  # as Ray Data's train_test_split counts
     val_end = int(keys[num_val]) if num_val < len(keys) else None
     train_end = int(keys[num_val + limit]) if limit and val_end is not None and num_val + limit < len(keys) else None
 

@@ -223,18 +223,20 @@ class EpochLogger(UserCallback):
 
 class TrialRuns(Callback):
     """The rest of Tune trials' tracking, from the experiment's driver (mlflow is imported
-    there already): a finished trial's files go to its run, and an errored trial's run is
-    FAILED (opened first, if the trial failed before its first epoch). `trial_cfg(config,
-    trial_id)` is a trial's Config."""
+    there already): a finished trial's files go to its run, which ends FINISHED (also when a
+    scheduler stopped it early), and an errored trial's run ends FAILED (opened first, if the
+    trial failed before its first epoch). `trial_cfg(config, trial_id)` is a trial's Config."""
 
     def __init__(self, uri: str, parent_run_id: str, trial_cfg):
         self.uri, self.parent_run_id, self.trial_cfg = uri, parent_run_id, trial_cfg
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        run_id = self._open(trial)
         # the files sit beside the checkpoints of the trial's last Ray Train run
         checkpoint = (trial.last_result or {}).get("checkpoint_path")
         if checkpoint:
-            log_outputs(self.uri, self._open(trial), checkpoint.rsplit("/", 1)[0])
+            log_outputs(self.uri, run_id, checkpoint.rsplit("/", 1)[0])
+        end_run(self.uri, run_id)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         end_run(self.uri, self._open(trial), "FAILED")

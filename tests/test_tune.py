@@ -275,18 +275,18 @@ def test_interrupted_experiment_resumes_without_rerunning_finished_trials(experi
 
 @pytest.fixture(scope="module")
 def pbt_experiment(ray_cluster, tmp_path_factory):
-    """A tiny Population Based Training experiment: two trials at once, 4 epochs, a
+    """A tiny Population Based Training experiment: two trials at once, 5 epochs, a
     copy-and-perturb step after every epoch. A grid starts the second trial with a learning
     rate too small to learn anything: it can only do well by copying the first. (Tune acts on
     a report while the trial trains on, and these epochs take seconds: a copy decided after
-    the last epochs can come too late. Decided after epoch 2 or 3, it lands.)"""
+    the last epochs can come too late. One decided after epochs 2-4 lands.)"""
     from cifar_ray.tune import run
 
     storage = tmp_path_factory.mktemp("pbt")
     space = storage / "space.yaml"
     space.write_text("lr: {grid: [0.01, 1.0e-7]}\noptimizer: adam\n")  # the fast trial starts first
     cfg = PRESETS["smoke"].with_overrides({
-        **TINY, "num_samples": 1, "scheduler": "pbt", "perturbation_interval": 1, "epochs": 4,
+        **TINY, "num_samples": 1, "scheduler": "pbt", "perturbation_interval": 1, "epochs": 5,
         "max_concurrent_trials": 2, "search_space": str(space), "name": "pbt", "storage_path": str(storage)})
     with contextlib.redirect_stdout(io.StringIO()):
         best = run(cfg)
