@@ -32,17 +32,11 @@ REFERENCE_RATE, REFERENCE_MINUTES = 940.0, 30.0
 def machine_rates() -> dict[str, float]:
     """{policy: images/s} of plain keras.fit of notebook_cnn at batch 128 on synthetic images,
     in the policy training uses here and in float32: steady state, median over epochs."""
-    import numpy as np
-
     from cifar_ray.config import PRESETS
-    from cifar_ray.data import make_synthetic_batch
     from cifar_ray.train_loop import precision_policy
-    from train_throughput import plain_keras, steady_rate
+    from train_throughput import plain_keras, steady_rate, synthetic_split
 
-    images = 8192
-    everything = make_synthetic_batch({"id": np.arange(images)}, seed=0)
-    train = {k: v[: images * 9 // 10] for k, v in everything.items()}
-    val = {k: v[images * 9 // 10:] for k, v in everything.items()}
+    train, val = synthetic_split(8192, val_fraction=0.1)
     rates = {}
     for mixed in (True, False):
         cfg = PRESETS["default"].with_overrides({"model": "notebook_cnn", "batch_size": 128, "epochs": 4,

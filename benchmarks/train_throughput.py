@@ -103,6 +103,16 @@ def ray_train(cfg, workers: int) -> dict:
     return {"epoch_times": epoch_times, "startup_s": wall - sum(epoch_times)}
 
 
+def synthetic_split(images: int, val_fraction: float) -> tuple[dict, dict]:
+    """(train, val) arrays of `images` synthetic images (data.make_synthetic_batch), the last
+    `val_fraction` held out."""
+    from cifar_ray.data import make_synthetic_batch
+
+    everything = make_synthetic_batch({"id": np.arange(images)}, seed=0)
+    split = int(images * (1 - val_fraction))
+    return {k: v[:split] for k, v in everything.items()}, {k: v[split:] for k, v in everything.items()}
+
+
 def steady_rate(run: dict, images: int) -> float:
     return images / statistics.median(run["epoch_times"][1:])
 
@@ -120,7 +130,6 @@ def main() -> None:
     import ray
 
     from cifar_ray.config import PRESETS, with_recipe
-    from cifar_ray.data import make_synthetic_batch
 
     cfg = with_recipe(PRESETS["default"], args.model).with_overrides({
         "data": "synthetic", "synthetic_size": args.images, "augment": "none",
@@ -128,10 +137,8 @@ def main() -> None:
     ray.init(logging_level="ERROR", log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
-    everything = make_synthetic_batch({"id": np.arange(args.images)}, seed=0)
-    split = int(args.images * (1 - cfg.data.val_fraction))
-    train = {k: v[:split] for k, v in everything.items()}
-    val = {k: v[split:] for k, v in everything.items()}
+    train, val = synthetic_split(args.images, cfg.data.val_fraction)
+    split = len(train["label"])
 
     sides = {"plain keras.fit": lambda: plain_keras(cfg, train, val),
              "Ray Train, 1 worker": lambda: ray_train(cfg, 1),
