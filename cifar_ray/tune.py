@@ -294,15 +294,17 @@ def make_scheduler(cfg: Config, param_space: dict):
 
 def leaderboard_rows(cfg: Config, results) -> list[dict]:
     """One row per trial: the fields it trained with, best val accuracy, epochs, early stop,
-    and its overhead (the trial's time less its epochs'); best first."""
-    rows = []
+    and its overhead (the trial's time less its epochs'); best first, then the trials that
+    failed before their first epoch, with their error."""
+    rows, failed = [], []
     for result in results:
         history = result.metrics_dataframe
+        trained = flatten(trial_config(result.config, cfg).to_dict())
         if history is None or SCORE_METRIC not in history:
-            continue  # a trial that failed before its first epoch
+            failed.append(failed_trial_row(result, trained))
+            continue
         best = history.loc[history[SCORE_METRIC].idxmax()]
         epochs_run = int(history["epoch"].max())
-        trained = flatten(trial_config(result.config, cfg).to_dict())
         rows.append({
             "trial": result.metrics["trial_id"],
             **{k: trained[k] for k in SEARCHED},
@@ -316,7 +318,16 @@ def leaderboard_rows(cfg: Config, results) -> list[dict]:
             # the Ray Train run that saved the best epoch: the trial's folder, or under PBT one part of it
             "run_folder": best["checkpoint_path"].rsplit("/", 1)[0],
         })
-    return sorted(rows, key=lambda r: -r["best_val_accuracy"])
+    return sorted(rows, key=lambda r: -r["best_val_accuracy"]) + failed
+
+
+def failed_trial_row(result, trained: dict) -> dict:
+    """The leaderboard row of a trial that errored before its first epoch: what it tried,
+    and why it failed (the last line of its error, which names the cause)."""
+    status = f"error: {str(result.error).strip().splitlines()[-1]}" if result.error else "no epoch reported"
+    return {"trial": result.metrics["trial_id"], **{k: trained[k] for k in SEARCHED}, "best_val_accuracy": None,
+            "best_epoch": None, "epochs_run": 0, "overhead_s": None, "stopped_early": False,
+            "status": status, "val_accuracy_by_epoch": [], "run_folder": None}
 
 
 def write_experiment_outputs(cfg: Config, experiment_dir: str, results) -> dict:
@@ -324,7 +335,7 @@ def write_experiment_outputs(cfg: Config, experiment_dir: str, results) -> dict:
     from cifar_ray.checkpoint import best_checkpoint_in, copy_checkpoint, read_file, write_file
 
     rows = leaderboard_rows(cfg, results)
-    if not rows:
+    if not rows or rows[0]["best_val_accuracy"] is None:
         raise RuntimeError(f"no trial of {experiment_dir} finished an epoch; see the errors above")
     columns = [k for k in rows[0] if k not in ("val_accuracy_by_epoch", "run_folder")]
     write_file(experiment_dir, "leaderboard.csv", leaderboard_csv(rows, columns).encode())
@@ -356,6 +367,8 @@ def leaderboard_csv(rows: list[dict], columns: list[str]) -> str:
 
 def leaderboard_markdown(rows: list[dict], columns: list[str]) -> str:
     def cell(v):
+        if v is None:
+            return "-"
         return f"{v:.3g}" if isinstance(v, float) and not isinstance(v, bool) else str(v)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
@@ -372,7 +385,7 @@ def plot_comparison(rows: list[dict], title: str) -> bytes:
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(9, 5))
-    for i, row in enumerate(rows):
+    for i, row in enumerate(r for r in rows if r["val_accuracy_by_epoch"]):  # failed trials have none
         epochs = range(1, len(row["val_accuracy_by_epoch"]) + 1)
         label = f"{row['trial']}: {row.get('model')}, {row.get('optimizer')}, lr {row.get('lr', 0):.2g}"
         style = {"linewidth": 3, "color": "tab:red", "zorder": 3} if i == 0 else {"linewidth": 1, "alpha": 0.7}

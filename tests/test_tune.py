@@ -158,6 +158,37 @@ def tune_flags(cfg) -> list[str]:
             "--name", cfg.run.name, "--storage-path", cfg.run.storage_path]
 
 
+def test_a_trial_that_failed_before_its_first_epoch_is_on_the_leaderboard_with_its_cause():
+    """Tune's results of a search where one trial's batch was too large for the data: that
+    trial still gets a row, last, with what it tried and the error's last line; the winner
+    is the trial that trained."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from cifar_ray.tune import leaderboard_markdown, leaderboard_rows
+
+    cfg = PRESETS["smoke"].with_overrides({**TINY, "epochs": 2})
+    trained = SimpleNamespace(
+        config={"model": "shallow_cnn", "lr": 0.01, "batch_size": 64}, error=None, metrics={"trial_id": "a1"},
+        metrics_dataframe=pd.DataFrame({"epoch": [1, 2], "val_accuracy": [0.3, 0.5], "epoch_time_s": [1.0, 2.0],
+                                        "time_total_s": [6.0, 9.0],
+                                        "checkpoint_path": ["t/a1/epoch_0001", "t/a1/epoch_0002"]}))
+    error = RuntimeError("Traceback (most recent call last):\n  ...\n"
+                         "ValueError: batch 256 is larger than the 240 training images: an epoch would take no step")
+    failed = SimpleNamespace(config={"model": "shallow_cnn", "lr": 0.02, "batch_size": 256}, error=error,
+                             metrics={"trial_id": "b2"}, metrics_dataframe=None)  # Tune's metrics: its id only
+    rows = leaderboard_rows(cfg, [failed, trained])
+    assert [r["trial"] for r in rows] == ["a1", "b2"]
+    assert rows[0]["best_val_accuracy"] == 0.5 and rows[0]["overhead_s"] == 6.0 and rows[0]["status"] == "done"
+    assert rows[1]["status"] == "error: ValueError: batch 256 is larger than the 240 training images: " \
+                                "an epoch would take no step"
+    assert (rows[1]["batch_size"], rows[1]["lr"], rows[1]["epochs_run"]) == (256, 0.02, 0)
+    table = leaderboard_markdown(rows, ["trial", "batch_size", "best_val_accuracy", "status"])
+    assert table.splitlines()[-1] == "| b2 | 256 | - | error: ValueError: batch 256 is larger than the 240 " \
+                                     "training images: an epoch would take no step |"
+
+
 @pytest.fixture(scope="module")
 def experiment(ray_cluster, tmp_path_factory):
     """One tiny experiment, interrupted as a user would interrupt it and then resumed: the
