@@ -313,7 +313,7 @@ def leaderboard_rows(cfg: Config, results) -> list[dict]:
             "epochs_run": epochs_run,
             "overhead_s": round(float(history["time_total_s"].iloc[-1] - history["epoch_time_s"].sum()), 1),
             "stopped_early": result.error is None and epochs_run < trained["epochs"],
-            "status": "error" if result.error else "done",
+            "status": trial_status(result),
             "val_accuracy_by_epoch": [round(float(v), 4) for v in history[SCORE_METRIC]],
             # the Ray Train run that saved the best epoch: the trial's folder, or under PBT one part of it
             "run_folder": best["checkpoint_path"].rsplit("/", 1)[0],
@@ -323,11 +323,16 @@ def leaderboard_rows(cfg: Config, results) -> list[dict]:
 
 def failed_trial_row(result, trained: dict) -> dict:
     """The leaderboard row of a trial that errored before its first epoch: what it tried,
-    and why it failed (the last line of its error, which names the cause)."""
-    status = f"error: {str(result.error).strip().splitlines()[-1]}" if result.error else "no epoch reported"
+    and why it failed."""
     return {"trial": result.metrics["trial_id"], **{k: trained[k] for k in SEARCHED}, "best_val_accuracy": None,
             "best_epoch": None, "epochs_run": 0, "overhead_s": None, "stopped_early": False,
-            "status": status, "val_accuracy_by_epoch": [], "run_folder": None}
+            "status": trial_status(result) if result.error else "no epoch reported",
+            "val_accuracy_by_epoch": [], "run_folder": None}
+
+
+def trial_status(result) -> str:
+    """'done', or 'error: ' and the last line of the trial's error, which names the cause."""
+    return f"error: {str(result.error).strip().splitlines()[-1]}" if result.error else "done"
 
 
 def write_experiment_outputs(cfg: Config, experiment_dir: str, results) -> dict:

@@ -160,8 +160,8 @@ def tune_flags(cfg) -> list[str]:
 
 def test_a_trial_that_failed_before_its_first_epoch_is_on_the_leaderboard_with_its_cause():
     """Tune's results of a search where one trial's batch was too large for the data: that
-    trial still gets a row, last, with what it tried and the error's last line; the winner
-    is the trial that trained."""
+    trial still gets a row, last, with what it tried and the error's last line; the trial
+    that trained comes first. A trial that failed later says why the same way."""
     from types import SimpleNamespace
 
     import pandas as pd
@@ -184,6 +184,8 @@ def test_a_trial_that_failed_before_its_first_epoch_is_on_the_leaderboard_with_i
     assert rows[1]["status"] == "error: ValueError: batch 256 is larger than the 240 training images: " \
                                 "an epoch would take no step"
     assert (rows[1]["batch_size"], rows[1]["lr"], rows[1]["epochs_run"]) == (256, 0.02, 0)
+    later = SimpleNamespace(**{**vars(trained), "error": RuntimeError("...\nOSError: [Errno 28] No space left on device")})
+    assert leaderboard_rows(cfg, [later])[0]["status"] == "error: OSError: [Errno 28] No space left on device"
     table = leaderboard_markdown(rows, ["trial", "batch_size", "best_val_accuracy", "status"])
     assert table.splitlines()[-1] == "| b2 | 256 | - | error: ValueError: batch 256 is larger than the 240 " \
                                      "training images: an epoch would take no step |"
