@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
@@ -145,7 +146,7 @@ def main() -> None:
     from cifar_ray.compat import without_autotuning
     from cifar_ray.train_loop import configure_tensorflow
 
-    configure_tensorflow(2)
+    configure_tensorflow(os.cpu_count() or 1)  # one process: every core
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     keras.utils.set_random_seed(args.seed)
     batch = cfg.train.batch_size if args.recipe == "product" else args.batch_size
