@@ -250,14 +250,18 @@ def run(cfg: Config) -> dict:
                 metric=SCORE_METRIC,
                 mode="max",
             ),
-            # Tune keeps checkpoints only under PBT (fit_pbt_part): the last few per trial, to copy
+            # Tune holds checkpoints only under PBT (fit_pbt_part), for trials to copy, and keeps
+            # them all while trials run: PBT's save of a top trial registers its latest checkpoint
+            # a second time, so num_to_keep=N kept about N/2, and a copy decided one or two epochs
+            # earlier could be deleted before the copying trial read it. remove_tune_copies frees
+            # them at the end.
             run_config=tune.RunConfig(name=cfg.run.name, storage_path=cfg.run.storage_path, verbose=1,
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
                                       callbacks=[trial_runs]),
         )
     with tracking.run_status(uri, run_id):
         tracking.log_data_info(uri, run_id, info)
         results = tuner.fit()
+        remove_tune_copies(results)
         tracking.close_trial_runs(uri, run_id, {r.metrics.get("trial_id"): r.error is not None for r in results
                                                 if r.metrics})
         best = write_experiment_outputs(cfg, experiment_dir, results)
@@ -268,6 +272,18 @@ def run(cfg: Config) -> dict:
         write_file(experiment_dir, "summary.json", json.dumps(summary, indent=2).encode())
         tracking.log_outputs(uri, run_id, experiment_dir)
     return best
+
+
+def remove_tune_copies(results) -> None:
+    """Delete Tune's copies of PBT checkpoints (<experiment>/run_trial_*/checkpoint_*) once
+    the experiment is over: each is a copy of an epoch checkpoint under trials/, which stay."""
+    import pyarrow.fs
+
+    for result in results:
+        fs = result.filesystem
+        for entry in fs.get_file_info(pyarrow.fs.FileSelector(result.path, allow_not_found=True)):
+            if entry.type == pyarrow.fs.FileType.Directory and entry.base_name.startswith("checkpoint_"):
+                fs.delete_dir(entry.path)
 
 
 def make_scheduler(cfg: Config, param_space: dict):

@@ -308,18 +308,20 @@ def test_interrupted_experiment_resumes_without_rerunning_finished_trials(experi
 
 @pytest.fixture(scope="module")
 def pbt_experiment(ray_cluster, tmp_path_factory):
-    """A tiny Population Based Training experiment: two trials at once, 5 epochs, a
-    copy-and-perturb step after every epoch. A grid starts the second trial with a learning
+    """A tiny Population Based Training experiment: two trials at once, 4 epochs, a
+    copy-and-perturb step after epochs 2 and 4. A grid starts the second trial with a learning
     rate too small to learn anything: it can only do well by copying the first. (Tune acts on
     a report while the trial trains on, and these epochs take seconds: a copy decided after
-    the last epochs can come too late. One decided after epochs 2-4 lands.)"""
+    the last epoch can come too late. One decided after epoch 2 lands. A step after every
+    epoch makes the two trials, equal once one has copied the other, copy each other again
+    and again: each copy restarts a Ray Train run.)"""
     from cifar_ray.tune import run
 
     storage = tmp_path_factory.mktemp("pbt")
     space = storage / "space.yaml"
     space.write_text("lr: {grid: [0.01, 1.0e-7]}\noptimizer: adam\n")  # the fast trial starts first
     cfg = PRESETS["smoke"].with_overrides({
-        **TINY, "num_samples": 1, "scheduler": "pbt", "perturbation_interval": 1, "epochs": 5,
+        **TINY, "num_samples": 1, "scheduler": "pbt", "perturbation_interval": 2, "epochs": 4,
         "max_concurrent_trials": 2, "search_space": str(space), "name": "pbt", "storage_path": str(storage)})
     with contextlib.redirect_stdout(io.StringIO()):
         best = run(cfg)
@@ -351,3 +353,4 @@ def test_a_pbt_trial_that_cannot_learn_copies_the_one_that_can(pbt_experiment):
     assert {r["epochs_run"] for r in rows.values()} == {cfg.train.epochs}
     assert best["best_val_accuracy"] == pytest.approx(max(r["best_val_accuracy"] for r in rows.values()), abs=1e-4)
     assert (Path(best["best_dir"]) / "MODEL_CARD.md").is_file()
+    assert not list(Path(best["experiment_dir"]).glob("*/checkpoint_*"))  # Tune's copies, freed at the end
