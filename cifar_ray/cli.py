@@ -50,6 +50,10 @@ QUIET_LOGGERS = {
     "ray.data._internal.progress.logging_progress": "INFO",  # ...not progress (predict's, say)
 }
 QUIET_FLAG = "CIFAR_RAY_QUIET"  # set by parse_args unless --verbose
+# For a Ray this process starts: with more workers than CPUs (a laptop), Ray kills an idle
+# task worker after 1 s, and each epoch's first batch waited ~2 s for a new worker process
+# to run its Ray Data task (benchmarks/idle_workers.py). Idle workers live 60 s instead.
+LOCAL_RAY_ENV = {"RAY_idle_worker_killing_time_threshold_ms": "60000"}
 
 
 class ClusterUnreachable(ConnectionError):
@@ -259,6 +263,8 @@ def init_ray() -> None:
     if ray.is_initialized():
         return
     quiet = {"worker_process_setup_hook": "cifar_ray.cli.quiet_start_up"}
+    for key, value in LOCAL_RAY_ENV.items():  # read only if ray.init starts Ray: a cluster keeps its own
+        os.environ.setdefault(key, value)
     try:
         ray.init(logging_level="WARNING", runtime_env=quiet if is_quiet() else None)
     except ConnectionError as e:  # RAY_ADDRESS names a cluster that is not there
