@@ -276,10 +276,13 @@ def run(cfg: Config) -> dict:
 
 def remove_tune_copies(results) -> None:
     """Delete Tune's copies of PBT checkpoints (<experiment>/run_trial_*/checkpoint_*) once
-    the experiment is over: each is a copy of an epoch checkpoint under trials/, which stay."""
+    the experiment is over: each is a copy of an epoch checkpoint under trials/, which stay.
+    A trial that failed keeps them: rerunning the experiment's name resumes it from there."""
     import pyarrow.fs
 
     for result in results:
+        if result.error is not None:
+            continue
         fs = result.filesystem
         for entry in fs.get_file_info(pyarrow.fs.FileSelector(result.path, allow_not_found=True)):
             if entry.type == pyarrow.fs.FileType.Directory and entry.base_name.startswith("checkpoint_"):

@@ -191,6 +191,27 @@ def test_a_trial_that_failed_before_its_first_epoch_is_on_the_leaderboard_with_i
                                      "training images: an epoch would take no step |"
 
 
+def test_tunes_checkpoint_copies_go_at_the_end_except_a_failed_trials(tmp_path):
+    """A failed trial keeps Tune's copies: rerunning the experiment resumes it from them."""
+    from types import SimpleNamespace
+
+    import pyarrow.fs
+
+    from cifar_ray.tune import remove_tune_copies
+
+    results = []
+    for trial, error in (("done", None), ("failed", RuntimeError("OSError: disk full"))):
+        for copy in ("checkpoint_000000", "checkpoint_000001"):
+            (tmp_path / trial / copy).mkdir(parents=True)
+        (tmp_path / trial / "result.json").write_text("{}")
+        results.append(SimpleNamespace(path=str(tmp_path / trial), error=error,
+                                       filesystem=pyarrow.fs.LocalFileSystem()))
+    remove_tune_copies(results)
+    assert sorted(p.name for p in (tmp_path / "done").iterdir()) == ["result.json"]
+    assert sorted(p.name for p in (tmp_path / "failed").iterdir()) == [
+        "checkpoint_000000", "checkpoint_000001", "result.json"]
+
+
 @pytest.fixture(scope="module")
 def experiment(ray_cluster, tmp_path_factory):
     """One tiny experiment, interrupted as a user would interrupt it and then resumed: the
