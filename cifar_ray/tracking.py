@@ -127,6 +127,23 @@ def log_epoch(uri: str, run_id: str, metrics: dict) -> None:
         if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)])
 
 
+def unlogged_epochs(uri: str, run_id: str, history: list[dict]) -> list[dict]:
+    """The epochs of `history` that the run has no metrics for."""
+    logged = {m.step for m in client(uri).get_metric_history(run_id, "loss")}
+    return [row for row in history if int(row["epoch"]) not in logged]
+
+
+def history_of(checkpoint) -> list[dict]:
+    """Every epoch's metrics so far, from a Ray Train checkpoint's metadata.json (local or
+    remote storage alike; the model stays where it is)."""
+    import json
+
+    from cifar_ray.checkpoint import METADATA_FILE
+
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{METADATA_FILE}") as f:
+        return json.loads(f.read())["history"]
+
+
 def log_outputs(uri: str, run_id: str, folder: str) -> None:
     """The files of a run folder (local or URI) that people look at, as the run's artifacts."""
     import tempfile
@@ -206,6 +223,7 @@ class EpochLogger(UserCallback):
     def __init__(self, uri: str, run_id: str | None = None, trial: Config | None = None,
                  parent_run_id: str | None = None):
         self.uri, self.run_id, self.trial, self.parent_run_id, self.warned = uri, run_id, trial, parent_run_id, False
+        self.first_report = True
 
     def after_report(self, run_context, metrics, checkpoint):
         if not metrics or "epoch" not in metrics[0]:
@@ -213,7 +231,14 @@ class EpochLogger(UserCallback):
         try:
             if self.run_id is None:
                 self.run_id = start_run(self.uri, self.trial, kind="trial", parent_run_id=self.parent_run_id)
-            log_epoch(self.uri, self.run_id, metrics[0])
+            epochs = [metrics[0]]
+            if self.first_report and metrics[0]["epoch"] > 1 and checkpoint is not None:
+                # A resumed run: a crash between an epoch's checkpoint and this log kept that
+                # epoch from MLflow. The checkpoint's history holds every epoch so far.
+                epochs = unlogged_epochs(self.uri, self.run_id, history_of(checkpoint))
+            self.first_report = False
+            for epoch in epochs:
+                log_epoch(self.uri, self.run_id, epoch)
         except Exception as e:
             if not self.warned:
                 print(f"warning: cannot log metrics to MLflow ({first_line(e)}); training goes on",

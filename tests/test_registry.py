@@ -177,6 +177,35 @@ def test_a_good_run_becomes_champion_and_a_worse_one_does_not(lifecycle):
     assert float(versions["1"].tags["eval_accuracy"]) > float(versions["2"].tags["eval_accuracy"])
 
 
+def test_a_resumed_run_logs_the_epochs_a_crash_kept_from_mlflow(tmp_path):
+    """The run died after epoch 2's checkpoint was saved, before epoch 2 reached MLflow. The
+    resumed run's first report (epoch 3) logs epochs 2 and 3 from the checkpoint's history,
+    not epoch 1 again; later reports log only themselves."""
+    import json
+
+    import ray.train
+
+    from cifar_ray import tracking
+    from cifar_ray.config import PRESETS
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = tracking.start_run(uri, PRESETS["smoke"].with_overrides({"name": "crashed"}), kind="train")
+    history = [{"epoch": e, "loss": 1.0 / e, "val_accuracy": 0.3 * e} for e in (1, 2, 3, 4)]
+    tracking.log_epoch(uri, run_id, history[0])  # epoch 2's log was lost with the process
+
+    def checkpoint(epoch: int):
+        folder = tmp_path / f"epoch_{epoch:04d}"
+        folder.mkdir()
+        (folder / "metadata.json").write_text(json.dumps({"history": history[:epoch]}))
+        return ray.train.Checkpoint(str(folder))
+
+    resumed = tracking.EpochLogger(uri, run_id)  # the rerun's: a new process
+    resumed.after_report(None, [history[2]], checkpoint(3))
+    resumed.after_report(None, [history[3]], checkpoint(4))
+    logged = tracking.client(uri).get_metric_history(run_id, "val_accuracy")
+    assert sorted((m.step, m.value) for m in logged) == [(r["epoch"], r["val_accuracy"]) for r in history]
+
+
 def test_the_train_run_is_tracked_with_params_epochs_and_artifacts(lifecycle):
     from cifar_ray import tracking
 
