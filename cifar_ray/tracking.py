@@ -231,14 +231,14 @@ class EpochLogger(UserCallback):
         try:
             if self.run_id is None:
                 self.run_id = start_run(self.uri, self.trial, kind="trial", parent_run_id=self.parent_run_id)
-            epochs = [metrics[0]]
-            if self.first_report and metrics[0]["epoch"] > 1 and checkpoint is not None:
-                # A resumed run: a crash between an epoch's checkpoint and this log kept that
-                # epoch from MLflow. The checkpoint's history holds every epoch so far.
-                epochs = unlogged_epochs(self.uri, self.run_id, history_of(checkpoint))
+            log_epoch(self.uri, self.run_id, metrics[0])  # first: whatever the catch-up below meets
+            resumed = self.first_report and metrics[0]["epoch"] > 1 and checkpoint is not None
             self.first_report = False
-            for epoch in epochs:
-                log_epoch(self.uri, self.run_id, epoch)
+            if resumed:
+                # A crash between an epoch's checkpoint and its log kept that epoch from
+                # MLflow. The checkpoint's history holds every epoch so far.
+                for epoch in unlogged_epochs(self.uri, self.run_id, history_of(checkpoint)):
+                    log_epoch(self.uri, self.run_id, epoch)
         except Exception as e:
             if not self.warned:
                 print(f"warning: cannot log metrics to MLflow ({first_line(e)}); training goes on",

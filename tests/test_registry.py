@@ -205,6 +205,12 @@ def test_a_resumed_run_logs_the_epochs_a_crash_kept_from_mlflow(tmp_path):
     logged = tracking.client(uri).get_metric_history(run_id, "val_accuracy")
     assert sorted((m.step, m.value) for m in logged) == [(r["epoch"], r["val_accuracy"]) for r in history]
 
+    # A checkpoint whose history cannot be read: the report's own epoch is logged all the same.
+    other = tracking.start_run(uri, PRESETS["smoke"].with_overrides({"name": "unreadable"}), kind="train")
+    (tmp_path / "no-metadata").mkdir()
+    tracking.EpochLogger(uri, other).after_report(None, [history[1]], ray.train.Checkpoint(str(tmp_path / "no-metadata")))
+    assert [m.step for m in tracking.client(uri).get_metric_history(other, "val_accuracy")] == [2]
+
 
 def test_the_train_run_is_tracked_with_params_epochs_and_artifacts(lifecycle):
     from cifar_ray import tracking
