@@ -57,6 +57,17 @@ def history_epochs(run_dir: Path) -> list[int]:
         return [int(row["epoch"]) for row in csv.DictReader(f)]
 
 
+def registered_checkpoint(run_dir: Path) -> str | None:
+    """The latest checkpoint Ray Train's controller has registered (from its snapshot file):
+    the one a restarted worker group resumes from. A checkpoint folder exists a moment earlier."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return None
+    latest = snapshot.get("latest_checkpoint_result")
+    return latest["checkpoint_dir_name"] if latest else None
+
+
 def finish(process: subprocess.Popen, storage: Path, name: str, timeout: float = 300) -> str:
     """Wait for the training process; its output."""
     process.wait(timeout=timeout)
@@ -71,7 +82,8 @@ def storage(tmp_path):
 def test_workers_killed_twice_back_to_back_the_run_finishes(ray_cluster, subprocess_env, storage):
     process = start_training(storage, "kill2", *GROUP, "--epochs", "3", "--max-failures", "2", env=subprocess_env)
     try:
-        wait_for(lambda: checkpoint_names(str(storage / "kill2")), 240, "the first checkpoint")
+        registered = wait_for(lambda: registered_checkpoint(storage / "kill2"), 240, "the first registered checkpoint")
+        before = read_metadata(storage / "kill2" / registered)["history"]
         first = wait_for(lambda: train_worker_pids(ray_cluster), 60, "train workers")
         os.kill(min(first), signal.SIGKILL)  # mid-epoch 2
         second = wait_for(lambda: train_worker_pids(ray_cluster) - first, 120, "restarted train workers")
@@ -82,6 +94,10 @@ def test_workers_killed_twice_back_to_back_the_run_finishes(ray_cluster, subproc
     assert process.returncode == 0, log[-3000:]
     run_dir = storage / "kill2"
     assert history_epochs(run_dir) == [1, 2, 3]  # each epoch exactly once
+    # resumed from the registered checkpoint: the epochs before it were not trained again
+    # (a retrained epoch differs, in its time if nothing else)
+    latest = read_metadata(run_dir / checkpoint_names(str(run_dir))[-1])["history"]
+    assert latest[:len(before)] == before
     summary = json.loads((run_dir / "summary.json").read_text())
     assert math.isfinite(summary["best_val_loss"]) and summary["best_val_accuracy"] > 0.5
 
