@@ -187,7 +187,7 @@ PRESETS = {
 }
 
 
-# The training fields Population Based Training changes in the middle of a trial (tune.py).
+# The training fields Population Based Training changes in the middle of a trial (search.make_scheduler).
 PBT_MUTATIONS = ("lr", "weight_decay")
 
 # Defaults a model brings with it, applied when it is chosen, under YAML and flags.

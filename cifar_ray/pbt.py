@@ -5,7 +5,7 @@ trial's latest checkpoint and perturbed settings, and goes on from there. Tune d
 bookkeeping, from checkpoints reported to it. A trial here is one or more Ray Train runs
 ("parts"), each started from the checkpoint Tune hands the trial, and every epoch's
 checkpoint goes to Tune as it is saved (Ray's TuneReportCallback reports only its path).
-The search space and the scheduler are tune.py's.
+The search space and the scheduler are search.py's.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ loop, config and checkpoints as `python -m cifar_ray.train`. The data is read, d
 split once and shared by every trial. ASHA stops poor trials early (--scheduler fifo to
 run all of them to the end).
 
-Each model brings its recipe into the search (conditioned_space): fast_resnet keeps its
+Each model brings its recipe into the search (search.py): fast_resnet keeps its
 optimizer, schedule and regularization and searches near its own learning rate, while the
 notebook's CNNs search optimizer, LR, augmentation and batch. Optuna samples that space at
 random or, with --search tpe, by TPE from the trials so far. With --scheduler pbt,
@@ -31,8 +31,6 @@ goes through the registry's promotion gate, as a train run's best checkpoint doe
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import time
 from functools import partial
@@ -40,124 +38,11 @@ from pathlib import Path
 
 import yaml
 
-from cifar_ray.config import (MODEL_RECIPES, PBT_MUTATIONS, Config, TuneConfig, choices_of, config_from_args,
-                              flatten, with_global_batch, with_recipe)
+from cifar_ray.config import Config, choices_of, config_from_args, with_global_batch
 from cifar_ray.data import DataInfo
+from cifar_ray.leaderboard import write_experiment_outputs
+from cifar_ray.search import make_scheduler, make_search, parse_search_space, trial_config
 from cifar_ray.train import SCORE_METRIC
-
-SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
-SEARCHED = ("model", "optimizer", "lr", "weight_decay", "augment", "batch_size")
-
-
-def make_search(cfg: Config) -> tuple[dict, object]:
-    """(Tune's param_space, its search algorithm).
-
-    Without a YAML file, Optuna samples the space conditioned on the model (conditioned_space):
-    at random, or with TPE (--search tpe). A YAML file's space is sampled by Tune itself (grid
-    included), or by TPE.
-    """
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    t = cfg.tune
-    if t.scheduler == "pbt":
-        if t.search == "tpe":
-            raise ValueError("--scheduler pbt evolves its population itself: use it with --search random")
-        return (parse_search_space(yaml.safe_load(Path(t.search_space).read_text()) or {}) if t.search_space
-                else pbt_space(cfg)), None
-    sampler = (optuna.samplers.TPESampler(seed=cfg.train.seed) if t.search == "tpe"
-               else optuna.samplers.RandomSampler(seed=cfg.train.seed))
-    if not t.search_space:
-        # metric and mode here too: Tune hands them only to a searcher it gives a space to
-        return {}, OptunaSearch(space=partial(conditioned_space, t=t), sampler=sampler,
-                                metric=SCORE_METRIC, mode="max")
-    space = parse_search_space(yaml.safe_load(Path(t.search_space).read_text()) or {})
-    if t.search == "random":
-        return space, None
-    if any(isinstance(v, dict) and "grid_search" in v for v in space.values()):
-        raise ValueError("search space: a grid runs with --search random; TPE samples distributions")
-    return space, OptunaSearch(sampler=sampler)
-
-
-def conditioned_space(trial, t: TuneConfig) -> None:
-    """Optuna's define-by-run space: the model first, then what that model searches.
-
-    A model with a recipe (config.MODEL_RECIPES) keeps its optimizer, schedule, batch and
-    regularization, and searches its learning rate and weight decay around the recipe's: a
-    mixed search compares it at its best, not at settings made for the notebook's CNN. The
-    other models search the notebook's space, narrowed by the flags. Fields are named
-    <model>/<field> (Ray nests them under the model's name; trial_config reads them), so
-    each model's history in the searcher stays its own.
-    """
-    model = trial.suggest_categorical("model", list(t.models or choices_of("model")))
-    ranges = searched_ranges(model, t)
-    if model in MODEL_RECIPES:
-        for field, (low, high) in ranges.items():
-            trial.suggest_float(f"{model}/{field}", low, high, log=True)
-        return
-    trial.suggest_categorical(f"{model}/optimizer", list(t.optimizers or choices_of("optimizer")))
-    trial.suggest_float(f"{model}/lr", *ranges["lr"], log=True)
-    trial.suggest_categorical(f"{model}/augment", list(t.augments or choices_of("augment")))
-    trial.suggest_categorical(f"{model}/batch_size", list(t.batch_sizes or (64, 128, 256)))
-
-
-def searched_ranges(model: str, t: TuneConfig) -> dict[str, tuple[float, float]]:
-    """Log-uniform bounds of the continuous fields searched for `model`: its recipe's learning
-    rate x0.5-2 and weight decay x1/3-3, else --lr-range (the notebook's models)."""
-    recipe = MODEL_RECIPES.get(model)
-    if recipe:
-        return {"lr": (recipe["lr"] / 2, recipe["lr"] * 2),
-                "weight_decay": (recipe["weight_decay"] / 3, recipe["weight_decay"] * 3)}
-    return {"lr": tuple(t.lr_range or (1e-4, 1e-1))}
-
-
-def pbt_space(cfg: Config) -> dict:
-    """PBT's first population: one model (every trial copies another's weights, so all share
-    it), each trial with its own draw of the fields PBT then perturbs (searched_ranges)."""
-    from ray import tune
-
-    models = cfg.tune.models or (cfg.model.model,)
-    if len(models) > 1:
-        raise ValueError(f"--scheduler pbt evolves one model's population; pass one of {', '.join(models)} "
-                         "to --models (or compare models with --scheduler asha)")
-    ranges = searched_ranges(models[0], cfg.tune)
-    return {"model": models[0], **{field: tune.loguniform(*ranges[field]) for field in ranges}}
-
-
-def trial_config(params: dict, base: Config) -> Config:
-    """A trial's config: the experiment's, then the sampled model's recipe, then the sampled
-    fields (those of a conditioned space sit under the model's name). The experiment's epochs
-    stay unless sampled: ASHA's rungs count them."""
-    model = params.get("model", base.model.model)
-    sampled = {k: v for k, v in params.items() if not isinstance(v, dict)}
-    sampled.update(params.get(model, {}))
-    return with_recipe(base, model).with_overrides({"epochs": base.train.epochs, **sampled})
-
-
-def parse_search_space(spec: dict) -> dict:
-    """YAML {field: {sampler: args} | value} -> Tune space; field names and types are checked."""
-    space = {}
-    for key, value in spec.items():
-        if isinstance(value, dict):
-            (sampler, args), = value.items()
-            if sampler not in SAMPLERS:
-                raise ValueError(f"search space {key}: unknown sampler {sampler!r}; use one of {SAMPLERS}")
-            Config().with_overrides({key: args[0]})  # unknown field or wrong type: ValueError
-            space[key] = make_sampler(sampler, args)
-        else:
-            Config().with_overrides({key: value})
-            space[key] = value
-    return space
-
-
-def make_sampler(name: str, args: list):
-    from ray import tune
-
-    if name == "choice":
-        return tune.choice(list(args))
-    if name == "grid":
-        return tune.grid_search(list(args))
-    return getattr(tune, name)(*args)  # uniform, loguniform, randint: bounds
 
 
 def trial_run_config(params: dict, trial_id: str, *, base: Config, trials_dir: str) -> Config:
@@ -289,142 +174,6 @@ def remove_tune_copies(results) -> None:
                 fs.delete_dir(entry.path)
 
 
-def make_scheduler(cfg: Config, param_space: dict):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
-    from ray.tune.search.sample import Domain
-
-    if cfg.tune.scheduler == "fifo":
-        return FIFOScheduler()
-    if cfg.tune.scheduler == "pbt":
-        # A distribution is redrawn from; a grid's values are stepped through.
-        mutations = {k: v["grid_search"] if isinstance(v, dict) else v for k, v in param_space.items()
-                     if k in PBT_MUTATIONS and (isinstance(v, Domain) or isinstance(v, dict) and "grid_search" in v)}
-        if not mutations:
-            raise ValueError(f"--scheduler pbt perturbs {' and '.join(PBT_MUTATIONS)}: the search space must "
-                             "sample at least one of them")
-        # Every N epochs, a trial in the bottom quarter copies one in the top quarter and
-        # multiplies each field by 0.8 or 1.2, or moves it one grid value (or redraws it, one
-        # time in four).
-        return PopulationBasedTraining(time_attr="epoch", perturbation_interval=cfg.tune.perturbation_interval,
-                                       hyperparam_mutations=mutations)
-    return ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
-                         grace_period=1, reduction_factor=2)
-
-
-def leaderboard_rows(cfg: Config, results) -> list[dict]:
-    """One row per trial: the fields it trained with, best val accuracy, epochs, early stop,
-    and its overhead (the trial's time less its epochs'); best first, then the trials that
-    failed before their first epoch, with their error."""
-    rows, failed = [], []
-    for result in results:
-        history = result.metrics_dataframe
-        trained = flatten(trial_config(result.config, cfg).to_dict())
-        if history is None or SCORE_METRIC not in history:
-            failed.append(failed_trial_row(result, trained))
-            continue
-        best = history.loc[history[SCORE_METRIC].idxmax()]
-        epochs_run = int(history["epoch"].max())
-        rows.append({
-            "trial": result.metrics["trial_id"],
-            **{k: trained[k] for k in SEARCHED},
-            "best_val_accuracy": round(float(best[SCORE_METRIC]), 4),
-            "best_epoch": int(best["epoch"]),
-            "epochs_run": epochs_run,
-            "overhead_s": round(float(history["time_total_s"].iloc[-1] - history["epoch_time_s"].sum()), 1),
-            "stopped_early": result.error is None and epochs_run < trained["epochs"],
-            "status": trial_status(result),
-            "val_accuracy_by_epoch": [round(float(v), 4) for v in history[SCORE_METRIC]],
-            # the Ray Train run that saved the best epoch: the trial's folder, or under PBT one part of it
-            "run_folder": best["checkpoint_path"].rsplit("/", 1)[0],
-        })
-    return sorted(rows, key=lambda r: -r["best_val_accuracy"]) + failed
-
-
-def failed_trial_row(result, trained: dict) -> dict:
-    """The leaderboard row of a trial that errored before its first epoch: what it tried,
-    and why it failed."""
-    return {"trial": result.metrics["trial_id"], **{k: trained[k] for k in SEARCHED}, "best_val_accuracy": None,
-            "best_epoch": None, "epochs_run": 0, "overhead_s": None, "stopped_early": False,
-            "status": trial_status(result) if result.error else "no epoch reported",
-            "val_accuracy_by_epoch": [], "run_folder": None}
-
-
-def trial_status(result) -> str:
-    """'done', or 'error: ' and the last line of the trial's error, which names the cause."""
-    return f"error: {str(result.error).strip().splitlines()[-1]}" if result.error else "done"
-
-
-def write_experiment_outputs(cfg: Config, experiment_dir: str, results) -> dict:
-    """leaderboard.csv/.md, comparison.png, best/ (the winner's checkpoint, with best.json)."""
-    from cifar_ray.checkpoint import best_checkpoint_in, copy_checkpoint, read_file, write_file
-
-    rows = leaderboard_rows(cfg, results)
-    if not rows or rows[0]["best_val_accuracy"] is None:
-        raise RuntimeError(f"no trial of {experiment_dir} finished an epoch; see the errors above")
-    columns = [k for k in rows[0] if k not in ("val_accuracy_by_epoch", "run_folder")]
-    write_file(experiment_dir, "leaderboard.csv", leaderboard_csv(rows, columns).encode())
-    table = leaderboard_markdown(rows, columns)
-    write_file(experiment_dir, "leaderboard.md", table.encode())
-    write_file(experiment_dir, "comparison.png", plot_comparison(rows, title=cfg.run.name))
-
-    winner = rows[0]
-    checkpoint = best_checkpoint_in(winner["run_folder"])
-    best_dir = f"{experiment_dir}/best"
-    copy_checkpoint(checkpoint, best_dir)
-    metadata = json.loads(read_file(best_dir, "metadata.json"))
-    best = {"trial": winner["trial"], "checkpoint": checkpoint,
-            "config": {k: v for k, v in winner.items() if k in SEARCHED},
-            "best_val_accuracy": metadata["metrics"][SCORE_METRIC], "best_epoch": metadata["epoch"],
-            "metrics": metadata["metrics"]}
-    write_file(best_dir, "best.json", json.dumps(best, indent=2).encode())
-    print("\n" + table, flush=True)
-    return {**best, "experiment_dir": experiment_dir, "best_dir": best_dir, "leaderboard": rows}
-
-
-def leaderboard_csv(rows: list[dict], columns: list[str]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
-
-
-def leaderboard_markdown(rows: list[dict], columns: list[str]) -> str:
-    def cell(v):
-        if v is None:
-            return "-"
-        return f"{v:.3g}" if isinstance(v, float) and not isinstance(v, bool) else str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def plot_comparison(rows: list[dict], title: str) -> bytes:
-    """Validation accuracy per epoch, one line per trial, the best one highlighted."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for i, row in enumerate(r for r in rows if r["val_accuracy_by_epoch"]):  # failed trials have none
-        epochs = range(1, len(row["val_accuracy_by_epoch"]) + 1)
-        label = f"{row['trial']}: {row.get('model')}, {row.get('optimizer')}, lr {row.get('lr', 0):.2g}"
-        style = {"linewidth": 3, "color": "tab:red", "zorder": 3} if i == 0 else {"linewidth": 1, "alpha": 0.7}
-        ax.plot(epochs, row["val_accuracy_by_epoch"], "o-", label=("best · " if i == 0 else "") + label, **style)
-    ax.set(xlabel="epoch", ylabel="validation accuracy", title=f"Trials of {title}")
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
 def describe(cfg: Config) -> str:
     """What an experiment will do, in the first lines a user sees."""
     t = cfg.tune
@@ -456,9 +205,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    # Run the copy imported as cifar_ray.tune: Tune pickles the searcher's space with plain
-    # pickle, which must name cifar_ray.tune.conditioned_space, not __main__'s, for a resume
-    # from any other entry point (`cifar-ray tune`, a test) to load it.
+    # Run the copy imported as cifar_ray.tune: Tune pickles the experiment's functions (the
+    # trainable, the callbacks' trial config) for a resume, and they must name cifar_ray.tune,
+    # not __main__, for a resume from any other entry point (`cifar-ray tune`, a test).
     from cifar_ray.tune import main as tune_main
 
     tune_main()

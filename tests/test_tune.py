@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from cifar_ray.config import MODEL_RECIPES, PRESETS, choices_of
-from cifar_ray.tune import make_search, parse_search_space, trial_config, trial_resources
+from cifar_ray.search import make_search, parse_search_space, trial_config
+from cifar_ray.tune import trial_resources
 
 TINY = {"synthetic_size": 300, "val_fraction": 0.2, "models": ("shallow_cnn",),
         "optimizers": ("adam", "sgd"), "augments": ("none",), "batch_sizes": (64,),
@@ -77,7 +78,7 @@ def test_a_yaml_space_picks_the_recipe_with_the_model_and_tpe_refuses_a_grid(tmp
 def test_pbt_starts_one_models_population_and_perturbs_what_it_searches(tmp_path):
     from ray.tune.schedulers import PopulationBasedTraining
 
-    from cifar_ray.tune import make_scheduler, searched_ranges
+    from cifar_ray.search import make_scheduler, searched_ranges
 
     cfg = PRESETS["smoke"].with_overrides({"scheduler": "pbt", "models": ("fast_resnet",)})
     space, searcher = make_search(cfg)
@@ -166,7 +167,7 @@ def test_a_trial_that_failed_before_its_first_epoch_is_on_the_leaderboard_with_i
 
     import pandas as pd
 
-    from cifar_ray.tune import leaderboard_markdown, leaderboard_rows
+    from cifar_ray.leaderboard import leaderboard_markdown, leaderboard_rows
 
     cfg = PRESETS["smoke"].with_overrides({**TINY, "epochs": 2})
     trained = SimpleNamespace(

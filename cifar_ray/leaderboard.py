@@ -1,0 +1,126 @@
+"""The end of a Tune experiment: one leaderboard row per trial (best first), the comparison
+plot, and best/, the winning trial's best checkpoint with best.json."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+from cifar_ray.config import Config, flatten
+from cifar_ray.search import SEARCHED, trial_config
+from cifar_ray.train import SCORE_METRIC
+
+
+def leaderboard_rows(cfg: Config, results) -> list[dict]:
+    """One row per trial: the fields it trained with, best val accuracy, epochs, early stop,
+    and its overhead (the trial's time less its epochs'); best first, then the trials that
+    failed before their first epoch, with their error."""
+    rows, failed = [], []
+    for result in results:
+        history = result.metrics_dataframe
+        trained = flatten(trial_config(result.config, cfg).to_dict())
+        if history is None or SCORE_METRIC not in history:
+            failed.append(failed_trial_row(result, trained))
+            continue
+        best = history.loc[history[SCORE_METRIC].idxmax()]
+        epochs_run = int(history["epoch"].max())
+        rows.append({
+            "trial": result.metrics["trial_id"],
+            **{k: trained[k] for k in SEARCHED},
+            "best_val_accuracy": round(float(best[SCORE_METRIC]), 4),
+            "best_epoch": int(best["epoch"]),
+            "epochs_run": epochs_run,
+            "overhead_s": round(float(history["time_total_s"].iloc[-1] - history["epoch_time_s"].sum()), 1),
+            "stopped_early": result.error is None and epochs_run < trained["epochs"],
+            "status": trial_status(result),
+            "val_accuracy_by_epoch": [round(float(v), 4) for v in history[SCORE_METRIC]],
+            # the Ray Train run that saved the best epoch: the trial's folder, or under PBT one part of it
+            "run_folder": best["checkpoint_path"].rsplit("/", 1)[0],
+        })
+    return sorted(rows, key=lambda r: -r["best_val_accuracy"]) + failed
+
+
+def failed_trial_row(result, trained: dict) -> dict:
+    """The leaderboard row of a trial that errored before its first epoch: what it tried,
+    and why it failed."""
+    return {"trial": result.metrics["trial_id"], **{k: trained[k] for k in SEARCHED}, "best_val_accuracy": None,
+            "best_epoch": None, "epochs_run": 0, "overhead_s": None, "stopped_early": False,
+            "status": trial_status(result) if result.error else "no epoch reported",
+            "val_accuracy_by_epoch": [], "run_folder": None}
+
+
+def trial_status(result) -> str:
+    """'done', or 'error: ' and the last line of the trial's error, which names the cause."""
+    return f"error: {str(result.error).strip().splitlines()[-1]}" if result.error else "done"
+
+
+def write_experiment_outputs(cfg: Config, experiment_dir: str, results) -> dict:
+    """leaderboard.csv/.md, comparison.png, best/ (the winner's checkpoint, with best.json)."""
+    from cifar_ray.checkpoint import best_checkpoint_in, copy_checkpoint, read_file, write_file
+
+    rows = leaderboard_rows(cfg, results)
+    if not rows or rows[0]["best_val_accuracy"] is None:
+        raise RuntimeError(f"no trial of {experiment_dir} finished an epoch; see the errors above")
+    columns = [k for k in rows[0] if k not in ("val_accuracy_by_epoch", "run_folder")]
+    write_file(experiment_dir, "leaderboard.csv", leaderboard_csv(rows, columns).encode())
+    table = leaderboard_markdown(rows, columns)
+    write_file(experiment_dir, "leaderboard.md", table.encode())
+    write_file(experiment_dir, "comparison.png", plot_comparison(rows, title=cfg.run.name))
+
+    winner = rows[0]
+    checkpoint = best_checkpoint_in(winner["run_folder"])
+    best_dir = f"{experiment_dir}/best"
+    copy_checkpoint(checkpoint, best_dir)
+    metadata = json.loads(read_file(best_dir, "metadata.json"))
+    best = {"trial": winner["trial"], "checkpoint": checkpoint,
+            "config": {k: v for k, v in winner.items() if k in SEARCHED},
+            "best_val_accuracy": metadata["metrics"][SCORE_METRIC], "best_epoch": metadata["epoch"],
+            "metrics": metadata["metrics"]}
+    write_file(best_dir, "best.json", json.dumps(best, indent=2).encode())
+    print("\n" + table, flush=True)
+    return {**best, "experiment_dir": experiment_dir, "best_dir": best_dir, "leaderboard": rows}
+
+
+def leaderboard_csv(rows: list[dict], columns: list[str]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def leaderboard_markdown(rows: list[dict], columns: list[str]) -> str:
+    def cell(v):
+        if v is None:
+            return "-"
+        return f"{v:.3g}" if isinstance(v, float) and not isinstance(v, bool) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_comparison(rows: list[dict], title: str) -> bytes:
+    """Validation accuracy per epoch, one line per trial, the best one highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for i, row in enumerate(r for r in rows if r["val_accuracy_by_epoch"]):  # failed trials have none
+        epochs = range(1, len(row["val_accuracy_by_epoch"]) + 1)
+        label = f"{row['trial']}: {row.get('model')}, {row.get('optimizer')}, lr {row.get('lr', 0):.2g}"
+        style = {"linewidth": 3, "color": "tab:red", "zorder": 3} if i == 0 else {"linewidth": 1, "alpha": 0.7}
+        ax.plot(epochs, row["val_accuracy_by_epoch"], "o-", label=("best · " if i == 0 else "") + label, **style)
+    ax.set(xlabel="epoch", ylabel="validation accuracy", title=f"Trials of {title}")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
