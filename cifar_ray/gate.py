@@ -2,7 +2,7 @@
 
 Every version is scored on one fixed evaluation set: the current champion's, or
 --eval-data; for a first version, the images held out of the training source by a hash of
-their pixels (data.in_holdout), which no run trains on. A candidate takes the champion's
+their pixels (split.in_holdout), which no run trains on. A candidate takes the champion's
 place only if its accuracy beats the champion's by at least --min-improvement and no class
 loses more than --max-class-drop. The decision itself (`judge`, `decide`) is a pure
 function of two score tables; registry.py stores the scores and moves the alias.
@@ -109,7 +109,8 @@ class EvalSet:
 
 def choose_eval_set(registry: Registry, cfg: RegistryConfig, champion, holdout=None, source: str = "") -> EvalSet:
     """--eval-data, else the champion's evaluation set, else `holdout` (held out of `source`)."""
-    from cifar_ray.data import data_fingerprint, read_source
+    from cifar_ray.data import read_source
+    from cifar_ray.split import data_fingerprint
 
     if cfg.eval_data:
         ds = read_source(cfg.eval_data, split="test").materialize()

@@ -11,7 +11,7 @@ Models (parameter counts are for 10 classes):
 - `shallow_cnn`: the notebook's one-conv variant, Conv32-Pool-Drop-Dense512-Drop-Dense10.
 - `fast_resnet`: a small residual net in the style of airbench (Keller Jordan's CIFAR-10
   speedruns) and Page's ResNet-9, sized for a 2-core CPU: a frozen 2x2 patch-whitening
-  conv computed from the training data (data.compute_patch_covariance), then three
+  conv computed from the training data (split.compute_patch_covariance), then three
   blocks of conv-pool-BatchNorm-ReLU plus a residual conv, at widths 64-256-256, global
   max pool and a 1/9-scaled linear head. About 2 M parameters. Its recipe (SGD Nesterov,
   warmup + cosine, label smoothing, weight decay) is config.MODEL_RECIPES["fast_resnet"].

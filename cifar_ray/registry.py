@@ -343,7 +343,8 @@ def register_checkpoint(cfg: Config, checkpoint: str) -> dict:
 
 
 def holdout_of_training_source(cfg: Config):
-    from cifar_ray.data import add_digests, holdout_of, read_source
+    from cifar_ray.data import read_source
+    from cifar_ray.split import add_digests, holdout_of
 
     d = cfg.data
     ds = add_digests(read_source(d.data, synthetic_size=d.synthetic_size, seed=cfg.train.seed)).materialize()

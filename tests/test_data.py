@@ -219,12 +219,12 @@ def test_holdout_is_the_same_images_whatever_seed_limit_and_val_fraction(ray_clu
 
 
 def test_fast_resnets_first_layer_whitens_the_training_patches(ray_cluster):
-    """compute_patch_covariance (data) and the whitening layer (models) agree on patch layout:
+    """compute_patch_covariance (split) and the whitening layer (models) agree on patch layout:
     on correlated images, the layer's linear outputs have (near) identity covariance."""
     import ray.data
 
     import keras
-    from cifar_ray.data import compute_normalization, compute_patch_covariance
+    from cifar_ray.split import compute_normalization, compute_patch_covariance
     from cifar_ray.models import fast_resnet
 
     rng = np.random.default_rng(0)
