@@ -305,9 +305,10 @@ def test_experiment_and_trials_are_tracked_and_the_best_goes_through_the_gate(ex
                                 filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     # Tune's verdict, also for trials ASHA stopped from outside: none left RUNNING or FAILED
     assert len(trials) == cfg.tune.num_samples and all(t.info.status == "FINISHED" for t in trials)
-    for trial in trials:  # every epoch a trial ran, logged at its step
+    for trial in trials:  # every epoch a trial ran, logged once at its step
         epochs = [m.step for m in client.get_metric_history(trial.info.run_id, "val_accuracy")]
-        assert epochs == list(range(1, len(epochs) + 1)) and epochs
+        # in any order: the resumed trial logs its first new epoch, then those its kill kept from MLflow
+        assert sorted(epochs) == list(range(1, len(epochs) + 1)) and epochs
     assert "leaderboard.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
     outcome = best["registry"]  # a first version: champion, recorded in summary.json too
