@@ -99,6 +99,8 @@ class TuneConfig:
                         "trials copy a better one's weights and perturb its --lr and --weight-decay",
                         ("asha", "fifo", "pbt"))
     perturbation_interval: int = _f(2, "pbt: epochs between two copy-and-perturb steps")
+    pbt_sync: bool = _f(False, "pbt: rank the trials once all have reached the step, so that each compares "
+                        "the same epoch (those that get there first pause, then restart from their checkpoint)")
     search: str = _f("random", "how trials are sampled: at random, or by Optuna's TPE from the results so far",
                      ("random", "tpe"))
     max_concurrent_trials: Optional[int] = _f(None, "trials at once (default: what the cluster's CPUs fit)")

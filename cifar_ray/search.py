@@ -147,8 +147,10 @@ def make_scheduler(cfg: Config, param_space: dict):
                              "sample at least one of them")
         # Every N epochs, a trial in the bottom quarter copies one in the top quarter and
         # multiplies each field by 0.8 or 1.2, or moves it one grid value (or redraws it, one
-        # time in four).
+        # time in four). Asynchronous by default: a trial is ranked as it reports, against the
+        # others' scores at their last step, so of trials in lockstep only the last to report
+        # can be found in the bottom quarter (benchmarks/README.md); --pbt-sync waits for all.
         return PopulationBasedTraining(time_attr="epoch", perturbation_interval=cfg.tune.perturbation_interval,
-                                       hyperparam_mutations=mutations)
+                                       hyperparam_mutations=mutations, synch=cfg.tune.pbt_sync)
     return ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
                          grace_period=1, reduction_factor=2)

@@ -88,6 +88,7 @@ def test_pbt_starts_one_models_population_and_perturbs_what_it_searches(tmp_path
     scheduler = make_scheduler(cfg, space)
     assert isinstance(scheduler, PopulationBasedTraining)
     assert set(scheduler._hyperparam_mutations) == {"lr", "weight_decay"}
+    assert not scheduler._synch and make_scheduler(cfg.with_overrides({"pbt_sync": True}), space)._synch
     notebook = cfg.with_overrides({"models": ("shallow_cnn",), "lr_range": (1e-3, 1e-2)})
     space = make_search(notebook)[0]
     assert set(make_scheduler(notebook, space)._hyperparam_mutations) == {"lr"}
