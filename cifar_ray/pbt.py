@@ -5,7 +5,8 @@ trial's latest checkpoint and perturbed settings, and goes on from there. Tune d
 bookkeeping, from checkpoints reported to it. A trial here is one or more Ray Train runs
 ("parts"), each started from the checkpoint Tune hands the trial, and every epoch's
 checkpoint goes to Tune as it is saved (Ray's TuneReportCallback reports only its path).
-The search space and the scheduler are search.py's.
+The search space is search.py's, and so is the scheduler, PBT without a step at the last
+epoch (NoStepAtTheEnd, here because it needs Ray Tune imported).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from ray import tune
 from ray.train import UserCallback
+from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
 from ray.util.queue import Empty, Queue
 
 from cifar_ray.checkpoint import copy_checkpoint, read_metadata, subfolders
@@ -88,3 +90,22 @@ def fit_reporting_to_tune(trainer, queue):
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
+
+
+class NoStepAtTheEnd(PopulationBasedTraining):
+    """Tune's PopulationBasedTraining, without a copy-and-perturb step at the last epoch.
+
+    Tune perturbs at every multiple of the interval, the last epoch included. A trial copied
+    there has no epoch left to train: it ends as a copy of another trial's final checkpoint,
+    and its leaderboard row shows that accuracy beside settings it never trained with. Under
+    --pbt-sync, every trial that got there first would also pause and restart for nothing.
+    """
+
+    def __init__(self, last_epoch: int, **kwargs):
+        super().__init__(**kwargs)
+        self.last_epoch = last_epoch
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if result.get(self._time_attr, 0) >= self.last_epoch:
+            return TrialScheduler.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)

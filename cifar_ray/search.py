@@ -133,8 +133,10 @@ def make_sampler(name: str, args: list):
 
 
 def make_scheduler(cfg: Config, param_space: dict):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.sample import Domain
+
+    from cifar_ray.pbt import NoStepAtTheEnd
 
     if cfg.tune.scheduler == "fifo":
         return FIFOScheduler()
@@ -150,7 +152,8 @@ def make_scheduler(cfg: Config, param_space: dict):
         # time in four). Asynchronous by default: a trial is ranked as it reports, against the
         # others' scores at their last step, so of trials in lockstep only the last to report
         # can be found in the bottom quarter (benchmarks/README.md); --pbt-sync waits for all.
-        return PopulationBasedTraining(time_attr="epoch", perturbation_interval=cfg.tune.perturbation_interval,
-                                       hyperparam_mutations=mutations, synch=cfg.tune.pbt_sync)
+        # No step at the last epoch: a copy there could train no further.
+        return NoStepAtTheEnd(cfg.train.epochs, time_attr="epoch", perturbation_interval=cfg.tune.perturbation_interval,
+                              hyperparam_mutations=mutations, synch=cfg.tune.pbt_sync)
     return ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
                          grace_period=1, reduction_factor=2)

@@ -89,6 +89,14 @@ def test_pbt_starts_one_models_population_and_perturbs_what_it_searches(tmp_path
     assert isinstance(scheduler, PopulationBasedTraining)
     assert set(scheduler._hyperparam_mutations) == {"lr", "weight_decay"}
     assert not scheduler._synch and make_scheduler(cfg.with_overrides({"pbt_sync": True}), space)._synch
+    # steps after epochs 2 and 4 of 6, none after the last: decided from the result alone
+    # (Tune's own step looks the trial up, and fails on this bare call)
+    from ray.tune.schedulers import TrialScheduler
+    six = make_scheduler(cfg.with_overrides({"epochs": 6}), space)
+    six.set_search_properties("val_accuracy", "max")
+    assert six.on_trial_result(None, None, {"epoch": 6, "val_accuracy": 0.5}) == TrialScheduler.CONTINUE
+    with pytest.raises(KeyError):
+        six.on_trial_result(None, None, {"epoch": 4, "val_accuracy": 0.5})
     notebook = cfg.with_overrides({"models": ("shallow_cnn",), "lr_range": (1e-3, 1e-2)})
     space = make_search(notebook)[0]
     assert set(make_scheduler(notebook, space)._hyperparam_mutations) == {"lr"}
@@ -332,20 +340,20 @@ def test_interrupted_experiment_resumes_without_rerunning_finished_trials(experi
 
 @pytest.fixture(scope="module")
 def pbt_experiment(ray_cluster, tmp_path_factory):
-    """A tiny Population Based Training experiment: two trials at once, 4 epochs, a
-    copy-and-perturb step after epochs 2 and 4. A grid starts the second trial with a learning
-    rate too small to learn anything: it can only do well by copying the first. (Tune acts on
-    a report while the trial trains on, and these epochs take seconds: a copy decided after
-    the last epoch can come too late. One decided after epoch 2 lands. A step after every
-    epoch makes the two trials, equal once one has copied the other, copy each other again
-    and again: each copy restarts a Ray Train run.)"""
+    """A tiny Population Based Training experiment: two trials at once, 4 epochs, one
+    copy-and-perturb step, after epoch 2 (none at the last epoch), with --pbt-sync. A grid
+    starts the second trial with a learning rate too small to learn anything: it can only do
+    well by copying the first. (Without --pbt-sync, the copy happens only if the slow trial
+    reports epoch 2 after the fast one: Tune ranks a trial against the others' last steps. A
+    step after every epoch makes the two trials, equal once one has copied the other, copy
+    each other again and again: each copy restarts a Ray Train run.)"""
     from cifar_ray.tune import run
 
     storage = tmp_path_factory.mktemp("pbt")
     space = storage / "space.yaml"
-    space.write_text("lr: {grid: [0.01, 1.0e-7]}\noptimizer: adam\n")  # the fast trial starts first
+    space.write_text("lr: {grid: [0.01, 1.0e-7]}\noptimizer: adam\n")
     cfg = PRESETS["smoke"].with_overrides({
-        **TINY, "num_samples": 1, "scheduler": "pbt", "perturbation_interval": 2, "epochs": 4,
+        **TINY, "num_samples": 1, "scheduler": "pbt", "perturbation_interval": 2, "pbt_sync": True, "epochs": 4,
         "max_concurrent_trials": 2, "search_space": str(space), "name": "pbt", "storage_path": str(storage)})
     with contextlib.redirect_stdout(io.StringIO()):
         best = run(cfg)
