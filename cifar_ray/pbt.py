@@ -44,7 +44,8 @@ def fit_pbt_part(cfg: Config, train, val, info: DataInfo, logger) -> tuple[Confi
                                "name": f"part_{len(subfolders(cfg.run_dir, 'part_')[1]) + 1}"})
     print(f"trial {cfg.run.name}, {part.run.name}: {origin}, lr {cfg.train.lr:.3g}, "
           f"weight decay {cfg.train.weight_decay:.3g}", flush=True)
-    if len(history) >= cfg.train.epochs:  # handed its last epoch (resumed after its final report): that checkpoint is the part
+    # Handed its last epoch (a trial resumed after its final report): that checkpoint is the part.
+    if len(history) >= cfg.train.epochs:
         checkpoint = f"{part.run_dir}/epoch_{len(history):04d}"
         with start.as_directory() as directory:
             copy_checkpoint(str(directory), checkpoint)
