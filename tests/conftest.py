@@ -144,10 +144,11 @@ def two_worker_run(ray_cluster, tmp_path_factory):
         # per-worker batch, exercised on CPU: 2 x 32 = the smoke preset's global batch 64
         "per_worker_batch_size": 32})
     summary = run(cfg, train_loop=saving_weights_loop(str(root)))
-    # Tests load and serve a copy: test_train's resume test trains this run further, and Ray
-    # Train may then prune the epoch that was best.
+    # Tests load and serve copies: test_train's resume test trains this run further, and Ray
+    # Train then prunes the checkpoint that scores worst, which may be the best or the last.
     best = shutil.copytree(summary["best_checkpoint"], root / "best-checkpoint")
-    return cfg, {**summary, "best_checkpoint": str(best)}, root
+    last = shutil.copytree(Path(summary["run_dir"]) / "epoch_0002", root / "last-checkpoint")
+    return cfg, {**summary, "best_checkpoint": str(best), "last_checkpoint": str(last)}, root
 
 
 def alter_one_weight(checkpoint: Path) -> None:

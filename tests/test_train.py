@@ -69,7 +69,7 @@ def test_weights_are_identical_on_every_worker(two_worker_run):
 def test_reported_validation_metrics_are_global(two_worker_run):
     """Rank 0's val_accuracy equals the final model's accuracy on the *whole* val split."""
     cfg, summary, _ = two_worker_run
-    last = Path(summary["run_dir"]) / "epoch_0002"
+    last = Path(summary["last_checkpoint"])  # epoch 2
     _, val, _, _ = load_training_data(cfg.data, seed=cfg.train.seed)
     # raw: the probabilities training saw (the end of the run calibrated this checkpoint)
     labels, probabilities, _ = collect_predictions(predict_dataset(val, str(last), raw=True))
@@ -317,7 +317,7 @@ def test_two_workers_step_and_set_the_lr_exactly_as_planned_and_as_one_worker_wo
     from cifar_ray.config import training_steps_per_epoch
 
     cfg, summary, _ = two_worker_run
-    model, metadata = load_checkpoint(Path(summary["run_dir"]) / "epoch_0002")
+    model, metadata = load_checkpoint(Path(summary["last_checkpoint"]))  # epoch 2
     num_train = metadata["data"]["num_train"]
 
     def lr_per_epoch(workers: int) -> list[float]:
