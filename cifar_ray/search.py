@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from cifar_ray.config import MODEL_RECIPES, PBT_MUTATIONS, Config, TuneConfig, choices_of, with_recipe
-from cifar_ray.train import SCORE_METRIC
+from cifar_ray.run_folder import SCORE_METRIC
 
 SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
 SEARCHED = ("model", "optimizer", "lr", "weight_decay", "augment", "batch_size")
@@ -35,8 +35,13 @@ def make_search(cfg: Config) -> tuple[dict, object]:
     if t.scheduler == "pbt":
         if t.search == "tpe":
             raise ValueError("--scheduler pbt evolves its population itself: use it with --search random")
-        return (parse_search_space(yaml.safe_load(Path(t.search_space).read_text()) or {}) if t.search_space
-                else pbt_space(cfg)), None
+        space = (parse_search_space(yaml.safe_load(Path(t.search_space).read_text()) or {}) if t.search_space
+                 else pbt_space(cfg))
+        if "epochs" in space:
+            # Trials copy each other's checkpoints, schedules and all, and PBT takes no step
+            # at the last epoch: the population trains for the same number of epochs.
+            raise ValueError("--scheduler pbt trains every trial for --epochs: remove epochs from the search space")
+        return space, None
     sampler = (optuna.samplers.TPESampler(seed=cfg.train.seed) if t.search == "tpe"
                else optuna.samplers.RandomSampler(seed=cfg.train.seed))
     if not t.search_space:

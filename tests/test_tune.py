@@ -111,6 +111,9 @@ def test_pbt_starts_one_models_population_and_perturbs_what_it_searches(tmp_path
     with_yaml = cfg.with_overrides({"search_space": str(fixed)})
     with pytest.raises(ValueError, match="must sample at least one"):
         make_scheduler(with_yaml, make_search(with_yaml)[0])
+    fixed.write_text("lr: {loguniform: [0.01, 0.1]}\nepochs: {choice: [4, 8]}\n")
+    with pytest.raises(ValueError, match="trains every trial for --epochs"):
+        make_search(with_yaml)
 
 
 def test_a_run_restored_with_a_perturbed_lr_and_weight_decay_goes_on_with_them(tmp_path):
