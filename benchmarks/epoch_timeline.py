@@ -58,7 +58,8 @@ def main() -> None:
     from cifar_ray.cli import init_ray
     from cifar_ray.config import PRESETS, with_recipe
     from cifar_ray.data import load_training_data
-    from cifar_ray.train import make_trainer, resolve_run
+    from cifar_ray.run_folder import resolve_run
+    from cifar_ray.train import make_trainer
 
     with tempfile.TemporaryDirectory() as storage:
         cfg = resolve_run(with_recipe(PRESETS["default"], args.model).with_overrides({

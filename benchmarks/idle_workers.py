@@ -33,7 +33,8 @@ def epoch_seconds(keep_ms: int, epochs: int, images: int, storage: str) -> list[
     from cifar_ray.checkpoint import read_metadata
     from cifar_ray.config import PRESETS
     from cifar_ray.data import load_training_data
-    from cifar_ray.train import make_trainer, resolve_run
+    from cifar_ray.run_folder import resolve_run
+    from cifar_ray.train import make_trainer
 
     ray.init(num_cpus=2, logging_level="WARNING", _system_config={"idle_worker_killing_time_threshold_ms": keep_ms})
     try:
@@ -48,7 +49,7 @@ def epoch_seconds(keep_ms: int, epochs: int, images: int, storage: str) -> list[
 
 
 def main() -> None:
-    from cifar_ray.cli import quiet_start_up
+    from cifar_ray.quiet import quiet_start_up
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=2)

@@ -32,7 +32,7 @@ def score_seconds(checkpoint: str, rows: int, in_driver: bool) -> float:
 def main() -> None:
     import ray
 
-    from cifar_ray.cli import quiet_start_up
+    from cifar_ray.quiet import quiet_start_up
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True)

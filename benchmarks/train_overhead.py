@@ -44,7 +44,7 @@ def fit_seconds(cfg, train, val, info, ray_trainer: bool) -> float:
 def main() -> None:
     import ray
 
-    from cifar_ray.cli import quiet_start_up
+    from cifar_ray.quiet import quiet_start_up
     from cifar_ray.config import PRESETS, with_global_batch
     from cifar_ray.data import load_training_data
 

@@ -88,7 +88,8 @@ def plain_keras(cfg, train: dict, val: dict) -> dict:
 def ray_train(cfg, workers: int) -> dict:
     from cifar_ray.checkpoint import read_metadata
     from cifar_ray.data import load_training_data
-    from cifar_ray.train import make_trainer, resolve_run
+    from cifar_ray.run_folder import resolve_run
+    from cifar_ray.train import make_trainer
 
     with tempfile.TemporaryDirectory() as storage:
         run_cfg = resolve_run(cfg.with_overrides({"num_workers": workers, "storage_path": storage,

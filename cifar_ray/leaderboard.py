@@ -9,7 +9,7 @@ import json
 
 from cifar_ray.config import Config, flatten
 from cifar_ray.search import SEARCHED, trial_config
-from cifar_ray.train import SCORE_METRIC
+from cifar_ray.run_folder import SCORE_METRIC
 
 
 def leaderboard_rows(cfg: Config, results) -> list[dict]:

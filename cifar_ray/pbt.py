@@ -22,7 +22,8 @@ from ray.util.queue import Empty, Queue
 from cifar_ray.checkpoint import copy_checkpoint, read_metadata, subfolders
 from cifar_ray.config import Config
 from cifar_ray.data import DataInfo
-from cifar_ray.train import checkpoints_of, make_trainer
+from cifar_ray.run_folder import checkpoints_of
+from cifar_ray.train import make_trainer
 
 
 def fit_pbt_part(cfg: Config, train, val, info: DataInfo, logger) -> tuple[Config, tuple[str, str, str]]:

@@ -10,27 +10,26 @@ every worker streams its shard of freshly augmented images, and rank 0 reports m
 and a self-describing checkpoint. Rerunning with the same --name resumes from the latest
 checkpoint; a dead worker restarts the group from it (up to --max-failures).
 
-A run folder <storage-path>/<name>/ ends with summary.json, history.csv, curves.png and
-the Ray Train checkpoints (the best --keep-checkpoints by validation accuracy). The run is
-tracked in MLflow (tracking.py), and its best checkpoint becomes a version of the registered
-model, which the promotion gate makes champion, the version Serve serves, or not (registry.py).
+A run folder <storage-path>/<name>/ (run_folder.py) ends with summary.json, history.csv,
+curves.png and the Ray Train checkpoints (the best --keep-checkpoints by validation
+accuracy). The run is tracked in MLflow (tracking.py), and its best checkpoint becomes a
+version of the registered model, which the promotion gate makes champion, the version
+Serve serves, or not (registration.py).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from dataclasses import asdict
-from datetime import datetime
-from pathlib import Path
 
-from cifar_ray.config import TENSORBOARD_DIR, Config, training_steps_per_epoch, with_global_batch
+from cifar_ray.config import Config, training_steps_per_epoch, with_global_batch
 from cifar_ray.augment import AUGMENT_TASK_CPUS
 from cifar_ray.data import DataInfo
+from cifar_ray.run_folder import (SCORE_METRIC, check_storage_writable, checkpoints_of, finished_run_checkpoints,
+                                  log_audit_to_tensorboard, resolve_run, write_run_outputs, write_summary)
 
-SCORE_METRIC = "val_accuracy"
 # Ray Train's controller takes one report per poll of its workers, every 2 s by default, and
 # a run ends once every report is taken: with epochs shorter than that, each run's end waited
 # 4-7 s for the backlog (2 s after). Polling every 0.5 s costs a few small RPCs a second.
@@ -97,7 +96,7 @@ def audit_and_register_best(cfg: Config, run_id: str, summary: dict, val, holdou
     and register it through the gate: one model pass for all three. The registry's
     decision and the calibration go into `summary` and summary.json; a registry that cannot
     be reached is recorded there too, and its error raised. Returns the audit's metrics."""
-    from cifar_ray.registry import register_run
+    from cifar_ray.registration import register_run
     from cifar_ray.tracking import TrackingUnavailable
 
     best = summary["best_checkpoint"]
@@ -138,13 +137,6 @@ def fit_or_explain(trainer, cfg: Config):
             f"rerun with --name {cfg.run.name} to resume") from None
 
 
-def resolve_run(cfg: Config, kind: str = "train") -> Config:
-    """Name an unnamed run `<kind>-<date>-<time>` and make a local storage path absolute
-    (Ray needs one)."""
-    return cfg.with_overrides({"name": cfg.run.name or datetime.now().strftime(f"{kind}-%Y%m%d-%H%M%S"),
-                               "storage_path": absolute_storage_path(cfg.run.storage_path)})
-
-
 def make_trainer(cfg: Config, train, val, info: DataInfo, train_loop=None,
                  callbacks: tuple = (), start_from=None):
     """The Ray Trainer for one training run; `run` and each Tune trial fit one. It is Ray's
@@ -158,7 +150,7 @@ def make_trainer(cfg: Config, train, val, info: DataInfo, train_loop=None,
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     from cifar_ray.augment import add_augmentation
-    from cifar_ray.cli import is_quiet
+    from cifar_ray.quiet import is_quiet
     from cifar_ray.tf_backend import TensorflowConfig
 
     workers = cfg.scaling.num_workers
@@ -202,101 +194,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from cifar_ray.train_loop import fit_on_this_worker
 
     fit_on_this_worker(loop_config)
-
-
-def log_audit_to_tensorboard(summary: dict, audit: dict) -> None:
-    """The best checkpoint's confusion matrix and per-class accuracy, as images at its epoch,
-    beside the curves the chief worker logged (train_loop.tensorboard_on_chief). The images
-    are the audit's own PNGs, read back from the run folder."""
-    import tensorflow as tf
-
-    from cifar_ray.checkpoint import read_file
-
-    step = summary["best_epoch"] - 1
-    try:
-        images = {tag: read_file(summary["run_dir"], png) for tag, png in
-                  (("confusion_matrix", "confusion_matrix.png"), ("per_class_accuracy", "per_class.png"))}
-        writer = tf.summary.create_file_writer(f"{summary['run_dir']}/{TENSORBOARD_DIR}/audit")
-        with writer.as_default():
-            for tag, png in images.items():
-                tf.summary.image(tag, tf.image.decode_png(png)[None], step=step)
-            tf.summary.scalar("accuracy", audit["accuracy"], step=step)
-            tf.summary.scalar("expected_calibration_error", audit["ece"], step=step)
-        writer.close()
-    except Exception as e:  # TensorBoard is a view: never lose a run over it
-        print(f"TensorBoard: could not log the audit ({str(e).splitlines()[0]})", flush=True)
-
-
-def absolute_storage_path(path: str) -> str:
-    return path if "://" in path else str(Path(path).expanduser().resolve())
-
-
-def check_storage_writable(storage_path: str) -> None:
-    """Fail before training, not after an hour, when results could not be saved."""
-    import pyarrow.fs
-
-    probe = f"{storage_path.rstrip('/')}/.cifar-ray-write-test"
-    try:
-        fs, path = pyarrow.fs.FileSystem.from_uri(probe)
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with fs.open_output_stream(path) as out:
-            out.write(b"ok")
-        fs.delete_file(path)
-    except Exception as e:
-        raise PermissionError(f"--storage-path {storage_path} is not writable ({e})") from None
-
-
-def checkpoints_of(result) -> tuple[str, str, str]:
-    """(run folder, latest checkpoint, best checkpoint) of a finished Ray Train run."""
-    if result.checkpoint is None:
-        raise RuntimeError(f"run {result.path} reported no checkpoint")
-    best = result.get_best_checkpoint(SCORE_METRIC, "max") or result.checkpoint
-    return result.path, result.checkpoint.path, best.path
-
-
-def finished_run_checkpoints(cfg: Config) -> tuple[str, str, str] | None:
-    """checkpoints_of a rerun whose last epoch is trained already, read from its folder
-    (Ray Train keeps the best checkpoints and the latest); None when there is work left."""
-    from cifar_ray.checkpoint import best_checkpoint_in, checkpoint_names
-
-    run_dir = cfg.run_dir
-    names = checkpoint_names(run_dir)
-    if not names or int(names[-1].removeprefix("epoch_")) < cfg.train.epochs:
-        return None
-    return run_dir, f"{run_dir}/{names[-1]}", best_checkpoint_in(run_dir, SCORE_METRIC)
-
-
-def write_run_outputs(cfg: Config, run_dir: str, latest_checkpoint: str, best_checkpoint: str,
-                      wall_time_s: float) -> dict:
-    """summary.json, history.csv and curves.png next to the checkpoints."""
-    from cifar_ray.checkpoint import local_checkpoint, read_metadata, write_file
-    from cifar_ray.report import history_csv, plot_curves
-
-    with local_checkpoint(latest_checkpoint) as latest:
-        history = read_metadata(latest)["history"]
-    best = max(history, key=lambda m: m[SCORE_METRIC])
-    summary = {
-        "run": cfg.run.name,
-        "run_dir": run_dir,
-        "best_checkpoint": best_checkpoint,
-        "best_epoch": best["epoch"],
-        "best_val_accuracy": best["val_accuracy"],
-        "best_val_loss": best["val_loss"],
-        "epochs": len(history),
-        "wall_time_s": round(wall_time_s, 1),
-        "train_images_per_s": round(sum(m["images_per_s"] for m in history) / len(history), 1),
-        "config": cfg.to_dict(),
-    }
-    write_summary(summary)
-    write_file(run_dir, "history.csv", history_csv(history).encode())
-    write_file(run_dir, "curves.png", plot_curves(history, title=f"{cfg.model.model} · {cfg.run.name}"))
-    return summary
-
-
-def write_summary(summary: dict) -> None:
-    from cifar_ray.checkpoint import write_file
-
-    write_file(summary["run_dir"], "summary.json", json.dumps(summary, indent=2).encode())
 
 
 def describe(cfg: Config) -> str:

@@ -41,8 +41,8 @@ import yaml
 from cifar_ray.config import Config, choices_of, config_from_args, with_global_batch
 from cifar_ray.data import DataInfo
 from cifar_ray.leaderboard import write_experiment_outputs
+from cifar_ray.run_folder import SCORE_METRIC
 from cifar_ray.search import make_scheduler, make_search, parse_search_space, trial_config
-from cifar_ray.train import SCORE_METRIC
 
 
 def trial_run_config(params: dict, trial_id: str, *, base: Config, trials_dir: str) -> Config:
@@ -58,7 +58,8 @@ def run_trial(params: dict, base: dict, train, val, info: DataInfo, trials_dir: 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from cifar_ray.tracking import EpochLogger
-    from cifar_ray.train import checkpoints_of, make_trainer, write_run_outputs
+    from cifar_ray.run_folder import checkpoints_of, write_run_outputs
+    from cifar_ray.train import make_trainer
 
     cfg = trial_run_config(params, tune.get_context().get_trial_id(), base=Config.from_dict(base), trials_dir=trials_dir)
     started = time.perf_counter()
@@ -94,8 +95,8 @@ def run(cfg: Config) -> dict:
     from cifar_ray import tracking
     from cifar_ray.checkpoint import write_file
     from cifar_ray.data import load_training_data
-    from cifar_ray.registry import register_run
-    from cifar_ray.train import check_storage_writable, resolve_run
+    from cifar_ray.registration import register_run
+    from cifar_ray.run_folder import check_storage_writable, resolve_run
 
     cfg = resolve_run(cfg, kind="tune")
     # Tune's trial table and each trial's epoch lines say more than a progress bar per dataset.
@@ -185,7 +186,7 @@ def describe(cfg: Config) -> str:
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     from cifar_ray.cli import init_ray, parse_args, run_cli
     from cifar_ray.data import check_source
-    from cifar_ray.train import resolve_run
+    from cifar_ray.run_folder import resolve_run
 
     args = parse_args("tune", argv, prog)
 

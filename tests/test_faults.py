@@ -128,7 +128,8 @@ def test_driver_killed_then_rerun_resumes_optimizer_and_schedule(ray_cluster, su
     from cifar_ray.cli import build_parser
     from cifar_ray.config import Config, config_from_args, training_steps_per_epoch
     from cifar_ray.models import build_optimizer
-    from cifar_ray.train import resolve_run, run
+    from cifar_ray.run_folder import resolve_run
+    from cifar_ray.train import run
 
     args = [*SINGLE, "--epochs", "3", "--schedule", "cosine"]  # Adam (the smoke preset's) with a moving LR
     process = start_training(storage, "driver", *args, env=subprocess_env)

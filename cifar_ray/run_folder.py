@@ -1,0 +1,117 @@
+"""A run's folder, <storage-path>/<name>/: naming it, checking it can be written, finding
+its checkpoints (also those of a run finished before), and what a run leaves in it at the
+end: summary.json, history.csv, curves.png and the audit's TensorBoard images. Train runs
+and Tune trials share it.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from cifar_ray.config import TENSORBOARD_DIR, Config
+
+SCORE_METRIC = "val_accuracy"  # what checkpoints, trials and runs are ranked by
+
+
+def resolve_run(cfg: Config, kind: str = "train") -> Config:
+    """Name an unnamed run `<kind>-<date>-<time>` and make a local storage path absolute
+    (Ray needs one)."""
+    return cfg.with_overrides({"name": cfg.run.name or datetime.now().strftime(f"{kind}-%Y%m%d-%H%M%S"),
+                               "storage_path": absolute_storage_path(cfg.run.storage_path)})
+
+
+def log_audit_to_tensorboard(summary: dict, audit: dict) -> None:
+    """The best checkpoint's confusion matrix and per-class accuracy, as images at its epoch,
+    beside the curves the chief worker logged (train_loop.tensorboard_on_chief). The images
+    are the audit's own PNGs, read back from the run folder."""
+    import tensorflow as tf
+
+    from cifar_ray.checkpoint import read_file
+
+    step = summary["best_epoch"] - 1
+    try:
+        images = {tag: read_file(summary["run_dir"], png) for tag, png in
+                  (("confusion_matrix", "confusion_matrix.png"), ("per_class_accuracy", "per_class.png"))}
+        writer = tf.summary.create_file_writer(f"{summary['run_dir']}/{TENSORBOARD_DIR}/audit")
+        with writer.as_default():
+            for tag, png in images.items():
+                tf.summary.image(tag, tf.image.decode_png(png)[None], step=step)
+            tf.summary.scalar("accuracy", audit["accuracy"], step=step)
+            tf.summary.scalar("expected_calibration_error", audit["ece"], step=step)
+        writer.close()
+    except Exception as e:  # TensorBoard is a view: never lose a run over it
+        print(f"TensorBoard: could not log the audit ({str(e).splitlines()[0]})", flush=True)
+
+
+def absolute_storage_path(path: str) -> str:
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def check_storage_writable(storage_path: str) -> None:
+    """Fail before training, not after an hour, when results could not be saved."""
+    import pyarrow.fs
+
+    probe = f"{storage_path.rstrip('/')}/.cifar-ray-write-test"
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(probe)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path) as out:
+            out.write(b"ok")
+        fs.delete_file(path)
+    except Exception as e:
+        raise PermissionError(f"--storage-path {storage_path} is not writable ({e})") from None
+
+
+def checkpoints_of(result) -> tuple[str, str, str]:
+    """(run folder, latest checkpoint, best checkpoint) of a finished Ray Train run."""
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {result.path} reported no checkpoint")
+    best = result.get_best_checkpoint(SCORE_METRIC, "max") or result.checkpoint
+    return result.path, result.checkpoint.path, best.path
+
+
+def finished_run_checkpoints(cfg: Config) -> tuple[str, str, str] | None:
+    """checkpoints_of a rerun whose last epoch is trained already, read from its folder
+    (Ray Train keeps the best checkpoints and the latest); None when there is work left."""
+    from cifar_ray.checkpoint import best_checkpoint_in, checkpoint_names
+
+    run_dir = cfg.run_dir
+    names = checkpoint_names(run_dir)
+    if not names or int(names[-1].removeprefix("epoch_")) < cfg.train.epochs:
+        return None
+    return run_dir, f"{run_dir}/{names[-1]}", best_checkpoint_in(run_dir, SCORE_METRIC)
+
+
+def write_run_outputs(cfg: Config, run_dir: str, latest_checkpoint: str, best_checkpoint: str,
+                      wall_time_s: float) -> dict:
+    """summary.json, history.csv and curves.png next to the checkpoints."""
+    from cifar_ray.checkpoint import local_checkpoint, read_metadata, write_file
+    from cifar_ray.report import history_csv, plot_curves
+
+    with local_checkpoint(latest_checkpoint) as latest:
+        history = read_metadata(latest)["history"]
+    best = max(history, key=lambda m: m[SCORE_METRIC])
+    summary = {
+        "run": cfg.run.name,
+        "run_dir": run_dir,
+        "best_checkpoint": best_checkpoint,
+        "best_epoch": best["epoch"],
+        "best_val_accuracy": best["val_accuracy"],
+        "best_val_loss": best["val_loss"],
+        "epochs": len(history),
+        "wall_time_s": round(wall_time_s, 1),
+        "train_images_per_s": round(sum(m["images_per_s"] for m in history) / len(history), 1),
+        "config": cfg.to_dict(),
+    }
+    write_summary(summary)
+    write_file(run_dir, "history.csv", history_csv(history).encode())
+    write_file(run_dir, "curves.png", plot_curves(history, title=f"{cfg.model.model} · {cfg.run.name}"))
+    return summary
+
+
+def write_summary(summary: dict) -> None:
+    from cifar_ray.checkpoint import write_file
+
+    write_file(summary["run_dir"], "summary.json", json.dumps(summary, indent=2).encode())
