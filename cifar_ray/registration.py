@@ -19,7 +19,6 @@ from cifar_ray.gate import (EvalSet, RegistryError, Scores, audit_and_score, cha
 from cifar_ray.registry import CHECKPOINT_ARTIFACT, EVAL_SET_ARTIFACT, MODEL_SHA_TAG, Registry
 
 
-
 def register(registry: Registry, cfg: RegistryConfig, run_id: str, checkpoint: str, eval_set: EvalSet,
              tags: dict, candidate: Scores | None = None) -> dict:
     """Make `checkpoint` a new version, scored on `eval_set` (unless `candidate` holds its

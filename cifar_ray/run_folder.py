@@ -22,29 +22,6 @@ def resolve_run(cfg: Config, kind: str = "train") -> Config:
                                "storage_path": absolute_storage_path(cfg.run.storage_path)})
 
 
-def log_audit_to_tensorboard(summary: dict, audit: dict) -> None:
-    """The best checkpoint's confusion matrix and per-class accuracy, as images at its epoch,
-    beside the curves the chief worker logged (train_loop.tensorboard_on_chief). The images
-    are the audit's own PNGs, read back from the run folder."""
-    import tensorflow as tf
-
-    from cifar_ray.checkpoint import read_file
-
-    step = summary["best_epoch"] - 1
-    try:
-        images = {tag: read_file(summary["run_dir"], png) for tag, png in
-                  (("confusion_matrix", "confusion_matrix.png"), ("per_class_accuracy", "per_class.png"))}
-        writer = tf.summary.create_file_writer(f"{summary['run_dir']}/{TENSORBOARD_DIR}/audit")
-        with writer.as_default():
-            for tag, png in images.items():
-                tf.summary.image(tag, tf.image.decode_png(png)[None], step=step)
-            tf.summary.scalar("accuracy", audit["accuracy"], step=step)
-            tf.summary.scalar("expected_calibration_error", audit["ece"], step=step)
-        writer.close()
-    except Exception as e:  # TensorBoard is a view: never lose a run over it
-        print(f"TensorBoard: could not log the audit ({str(e).splitlines()[0]})", flush=True)
-
-
 def absolute_storage_path(path: str) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
@@ -115,3 +92,26 @@ def write_summary(summary: dict) -> None:
     from cifar_ray.checkpoint import write_file
 
     write_file(summary["run_dir"], "summary.json", json.dumps(summary, indent=2).encode())
+
+
+def log_audit_to_tensorboard(summary: dict, audit: dict) -> None:
+    """The best checkpoint's confusion matrix and per-class accuracy, as images at its epoch,
+    beside the curves the chief worker logged (train_loop.tensorboard_on_chief). The images
+    are the audit's own PNGs, read back from the run folder."""
+    import tensorflow as tf
+
+    from cifar_ray.checkpoint import read_file
+
+    step = summary["best_epoch"] - 1
+    try:
+        images = {tag: read_file(summary["run_dir"], png) for tag, png in
+                  (("confusion_matrix", "confusion_matrix.png"), ("per_class_accuracy", "per_class.png"))}
+        writer = tf.summary.create_file_writer(f"{summary['run_dir']}/{TENSORBOARD_DIR}/audit")
+        with writer.as_default():
+            for tag, png in images.items():
+                tf.summary.image(tag, tf.image.decode_png(png)[None], step=step)
+            tf.summary.scalar("accuracy", audit["accuracy"], step=step)
+            tf.summary.scalar("expected_calibration_error", audit["ece"], step=step)
+        writer.close()
+    except Exception as e:  # TensorBoard is a view: never lose a run over it
+        print(f"TensorBoard: could not log the audit ({str(e).splitlines()[0]})", flush=True)

@@ -147,7 +147,7 @@ def two_worker_run(ray_cluster, tmp_path_factory):
     # Tests load and serve copies: test_train's resume test trains this run further, and Ray
     # Train then prunes the checkpoint that scores worst, which may be the best or the last.
     best = shutil.copytree(summary["best_checkpoint"], root / "best-checkpoint")
-    last = shutil.copytree(Path(summary["run_dir"]) / "epoch_0002", root / "last-checkpoint")
+    last = shutil.copytree(Path(summary["run_dir"]) / f"epoch_{cfg.train.epochs:04d}", root / "last-checkpoint")
     return cfg, {**summary, "best_checkpoint": str(best), "last_checkpoint": str(last)}, root
 
 
