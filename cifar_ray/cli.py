@@ -77,8 +77,8 @@ def add_inference_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder or URI")
     parser.add_argument("--data", required=True,
                         help="'cifar10' (its test split), 'synthetic', a Parquet folder/URI or an image folder")
-    parser.add_argument("--num-actors", type=int, default=1, help="model replicas predicting in parallel (evaluate: up to 10,000 rows, one is the "
-                        "driver itself)")
+    parser.add_argument("--num-actors", type=int, default=1,
+                        help="model replicas predicting in parallel (evaluate: up to 10,000 rows, one is the driver itself)")
 
 
 def add_evaluate_flags(parser: argparse.ArgumentParser) -> None:

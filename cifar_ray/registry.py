@@ -199,8 +199,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     args = parse_args("registry", argv, prog)
 
     def run() -> None:
-        cfg = Config().with_overrides({k: v for k, v in vars(args).items()
-                                       if v is not None and k not in ("command", "version", "force", "checkpoint", "verbose")})
+        not_config = ("command", "version", "force", "checkpoint", "verbose")
+        cfg = Config().with_overrides({k: v for k, v in vars(args).items() if v is not None and k not in not_config})
         if args.command == "register":
             from cifar_ray.registration import register_checkpoint
 
