@@ -103,11 +103,11 @@ class NoStepAtTheEnd(PopulationBasedTraining):
     --pbt-sync, every trial that got there first would also pause and restart for nothing.
     """
 
-    def __init__(self, last_epoch: int, **kwargs):
-        super().__init__(**kwargs)
-        self.last_epoch = last_epoch
+    def __init__(self, last_epoch: int, time_attr: str = "epoch", **kwargs):
+        super().__init__(time_attr=time_attr, **kwargs)
+        self.last_epoch, self.epoch_attr = last_epoch, time_attr
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        if result.get(self._time_attr, 0) >= self.last_epoch:
+        if result.get(self.epoch_attr, 0) >= self.last_epoch:
             return TrialScheduler.CONTINUE
         return super().on_trial_result(tune_controller, trial, result)

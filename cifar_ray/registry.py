@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         not_config = ("command", "version", "force", "checkpoint", "verbose")
         cfg = Config().with_overrides({k: v for k, v in vars(args).items() if v is not None and k not in not_config})
         if args.command == "register":
-            from cifar_ray.registration import register_checkpoint
+            from cifar_ray.registration import register_checkpoint  # it imports this module
 
             register_checkpoint(cfg, args.checkpoint)
             return

@@ -158,7 +158,7 @@ def make_scheduler(cfg: Config, param_space: dict):
         # others' scores at their last step, so of trials in lockstep only the last to report
         # can be found in the bottom quarter (benchmarks/README.md); --pbt-sync waits for all.
         # No step at the last epoch: a copy there could train no further.
-        return NoStepAtTheEnd(cfg.train.epochs, time_attr="epoch", perturbation_interval=cfg.tune.perturbation_interval,
+        return NoStepAtTheEnd(cfg.train.epochs, perturbation_interval=cfg.tune.perturbation_interval,
                               hyperparam_mutations=mutations, synch=cfg.tune.pbt_sync)
     return ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
                          grace_period=1, reduction_factor=2)

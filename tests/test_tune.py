@@ -75,8 +75,8 @@ def test_a_yaml_space_picks_the_recipe_with_the_model_and_tpe_refuses_a_grid(tmp
     assert make_search(cfg.with_overrides({"search_space": str(space)}))[1] is None  # Tune's own sampling
 
 
-def test_pbt_starts_one_models_population_and_perturbs_what_it_searches(tmp_path):
-    from ray.tune.schedulers import PopulationBasedTraining
+def test_pbt_starts_one_models_population_and_perturbs_what_it_searches(tmp_path, monkeypatch):
+    from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
 
     from cifar_ray.search import make_scheduler, searched_ranges
 
@@ -89,14 +89,15 @@ def test_pbt_starts_one_models_population_and_perturbs_what_it_searches(tmp_path
     assert isinstance(scheduler, PopulationBasedTraining)
     assert set(scheduler._hyperparam_mutations) == {"lr", "weight_decay"}
     assert not scheduler._synch and make_scheduler(cfg.with_overrides({"pbt_sync": True}), space)._synch
-    # steps after epochs 2 and 4 of 6, none after the last: decided from the result alone
-    # (Tune's own step looks the trial up, and fails on this bare call)
-    from ray.tune.schedulers import TrialScheduler
+    # Tune's step runs after epochs 2 and 4 of 6, and not after the last
+    steps = []
+    monkeypatch.setattr(PopulationBasedTraining, "on_trial_result",
+                        lambda self, controller, trial, result: steps.append(result["epoch"]) or "step")
     six = make_scheduler(cfg.with_overrides({"epochs": 6}), space)
-    six.set_search_properties("val_accuracy", "max")
-    assert six.on_trial_result(None, None, {"epoch": 6, "val_accuracy": 0.5}) == TrialScheduler.CONTINUE
-    with pytest.raises(KeyError):
-        six.on_trial_result(None, None, {"epoch": 4, "val_accuracy": 0.5})
+    assert [six.on_trial_result(None, None, {"epoch": e, "val_accuracy": 0.5}) for e in (2, 4, 6)] == \
+        ["step", "step", TrialScheduler.CONTINUE]
+    assert steps == [2, 4]
+    monkeypatch.undo()
     notebook = cfg.with_overrides({"models": ("shallow_cnn",), "lr_range": (1e-3, 1e-2)})
     space = make_search(notebook)[0]
     assert set(make_scheduler(notebook, space)._hyperparam_mutations) == {"lr"}
