@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Callable
 
-from cifar_ray.config import add_config_flags, add_field_flags
+from cifar_ray.flags import add_config_flags, add_field_flags
 from cifar_ray.quiet import QUIET_FLAG, is_quiet, quiet_start_up
 
 

@@ -1,9 +1,8 @@
-"""One typed configuration for every stage, and the CLI/YAML mapping onto it.
+"""One typed configuration for every stage.
 
-Each field is defined once, here, with its default and help text. `add_config_flags`
-turns the fields of the sections a stage uses into `--kebab-case` flags, and
-`load_yaml` reads the same names from a file, so one name means one thing in the CLI,
-in YAML, in Tune's search space and in a checkpoint's `metadata.json`.
+Each field is defined once, here, with its default and help text; `flags.py` turns the
+fields into `--kebab-case` flags and reads the same names from YAML, so one name means one
+thing in the CLI, in YAML, in Tune's search space and in a checkpoint's `metadata.json`.
 
 Presets: `default` is the real run; `smoke` is tiny and fast (tests and CI use it):
 
@@ -12,11 +11,9 @@ Presets: `default` is the real run; `smoke` is tiny and fast (tests and CI use i
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import typing
 from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any, Optional
 
 CLASS_NAMES = (
@@ -171,7 +168,7 @@ class Config:
         """Return a copy with flat `{field: value}` overrides applied, e.g. {"lr": 0.01}."""
         by_section: dict = {}
         for key, value in overrides.items():
-            section = _section_of(key)
+            section = section_of(key)
             field_ = next(f for f in fields(SECTIONS[section]) if f.name == key)
             by_section.setdefault(section, {})[key] = _coerce(SECTIONS[section], field_, value)
         return replace(self, **{s: replace(getattr(self, s), **kv) for s, kv in by_section.items()})
@@ -205,17 +202,17 @@ MODEL_RECIPES = {
 
 def choices_of(key: str) -> tuple:
     """The allowed values of a config field, as declared on it."""
-    return next(f for f in fields(SECTIONS[_section_of(key)]) if f.name == key).metadata["choices"]
+    return next(f for f in fields(SECTIONS[section_of(key)]) if f.name == key).metadata["choices"]
 
 
-def _section_of(key: str) -> str:
+def section_of(key: str) -> str:
     for name, cls in SECTIONS.items():
         if key in {f.name for f in fields(cls)}:
             return name
     raise ValueError(f"unknown config key: {key!r}")
 
 
-def _base_type(section: type, name: str) -> type:
+def field_type(section: type, name: str) -> type:
     """The concrete type of a field: Optional[int] -> int, Optional[tuple[int, ...]] -> tuple."""
     hint = typing.get_type_hints(section)[name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -223,18 +220,18 @@ def _base_type(section: type, name: str) -> type:
     return tuple if typing.get_origin(hint) is tuple else hint
 
 
-def _item_type(section: type, name: str) -> type:
+def item_type(section: type, name: str) -> type:
     """The element type of a tuple field: Optional[tuple[int, ...]] -> int."""
     hint = next(a for a in typing.get_args(typing.get_type_hints(section)[name]) if a is not type(None))
     return typing.get_args(hint)[0]
 
 
 def _coerce(section: type, f: dataclasses.Field, value: Any) -> Any:
-    kind = _base_type(section, f.name)
+    kind = field_type(section, f.name)
     if value is None:
         return None
     if kind is tuple:
-        item = _item_type(section, f.name)
+        item = item_type(section, f.name)
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{f.name}: expected a list, got {value!r}")
         return tuple(float(v) if item is float and isinstance(v, int) else v for v in value)
@@ -256,60 +253,8 @@ def _section_from_dict(cls: type, d: dict) -> Any:
     return cls(**{k: _coerce(cls, known[k], v) for k, v in d.items()})
 
 
-def read_yaml(path: str | Path) -> dict:
-    """A nested YAML config (sections data/model/train/...), checked for unknown keys and types."""
-    import yaml
-
-    with open(path) as fh:
-        nested = yaml.safe_load(fh) or {}
-    Config.from_dict(nested)
-    return nested
-
-
 def flatten(nested: dict) -> dict:
     return {k: v for section in nested.values() for k, v in section.items()}
-
-
-def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
-    """Add one `--flag` per field of the given sections, plus --preset and --config."""
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                        help="named starting configuration (default: %(default)s)")
-    parser.add_argument("--config", metavar="YAML", help="YAML file with config sections; flags override it")
-    for section in sections:
-        group = parser.add_argument_group(section)
-        for f in fields(SECTIONS[section]):
-            _add_flag(group, SECTIONS[section], f)
-
-
-def add_field_flags(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
-    """Add the `--flag`s of single config fields (a CLI that needs a few, not whole sections)."""
-    for name in names:
-        section = SECTIONS[_section_of(name)]
-        _add_flag(parser, section, next(f for f in fields(section) if f.name == name))
-
-
-def _add_flag(group, section: type, f: dataclasses.Field) -> None:
-    flag = "--" + f.name.replace("_", "-")
-    kind = _base_type(section, f.name)
-    help_text = f"{f.metadata['help']} (default: {f.default})"
-    if kind is bool:
-        group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-    elif kind is tuple:
-        group.add_argument(flag, dest=f.name, nargs="+", type=_item_type(section, f.name), default=None,
-                           help=help_text)
-    else:
-        group.add_argument(flag, dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"),
-                           help=help_text)
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    """The preset, the chosen model's recipe, the YAML file, explicit flags: later ones win."""
-    from_yaml = flatten(read_yaml(args.config)) if args.config else {}
-    from_flags = {f.name: getattr(args, f.name) for section in SECTIONS.values()
-                  for f in fields(section) if getattr(args, f.name, None) is not None}
-    preset = PRESETS[args.preset]
-    model = from_flags.get("model", from_yaml.get("model", preset.model.model))
-    return with_recipe(preset, model).with_overrides({**from_yaml, **from_flags})
 
 
 def with_global_batch(cfg: Config) -> Config:

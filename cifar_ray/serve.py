@@ -45,7 +45,8 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse
 from ray import serve
 
-from cifar_ray.config import ServeConfig, config_from_args
+from cifar_ray.config import ServeConfig
+from cifar_ray.flags import config_from_args
 from cifar_ray.live_model import REGISTRY_URI, LiveModel
 from cifar_ray.serve_input import decode_upload, parse_json_images, read_body, read_image_bytes
 from cifar_ray.serve_metrics import CountAnswers, ServeMetrics

@@ -206,7 +206,7 @@ def describe(cfg: Config) -> str:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     from cifar_ray.cli import init_ray, parse_args, run_cli
-    from cifar_ray.config import config_from_args
+    from cifar_ray.flags import config_from_args
     from cifar_ray.data import check_source
 
     args = parse_args("train", argv, prog)

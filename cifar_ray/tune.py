@@ -38,7 +38,8 @@ from pathlib import Path
 
 import yaml
 
-from cifar_ray.config import Config, choices_of, config_from_args, with_global_batch
+from cifar_ray.config import Config, choices_of, with_global_batch
+from cifar_ray.flags import config_from_args
 from cifar_ray.data import DataInfo
 from cifar_ray.leaderboard import write_experiment_outputs
 from cifar_ray.run_folder import SCORE_METRIC

@@ -4,7 +4,8 @@ import argparse
 
 import pytest
 
-from cifar_ray.config import PRESETS, Config, add_config_flags, config_from_args
+from cifar_ray.config import PRESETS, Config
+from cifar_ray.flags import add_config_flags, config_from_args
 
 
 def parse(argv, sections=("data", "model", "train", "scaling", "run")):
