@@ -49,6 +49,10 @@ def make_search(cfg: Config) -> tuple[dict, object]:
         return {}, OptunaSearch(space=partial(conditioned_space, t=t), sampler=sampler,
                                 metric=SCORE_METRIC, mode="max")
     space = parse_search_space(yaml.safe_load(Path(t.search_space).read_text()) or {})
+    if t.scheduler == "asha" and "epochs" in space and not isinstance(space["epochs"], int):
+        # ASHA stops every trial at its max_t: one number of epochs for all (make_scheduler).
+        raise ValueError("--scheduler asha decides how many epochs each trial trains, up to one number: "
+                         "set epochs to one value, or sample it with --scheduler fifo")
     if t.search == "random":
         return space, None
     if any(isinstance(v, dict) and "grid_search" in v for v in space.values()):
@@ -160,5 +164,6 @@ def make_scheduler(cfg: Config, param_space: dict):
         # No step at the last epoch: a copy there could train no further.
         return NoStepAtTheEnd(cfg.train.epochs, perturbation_interval=cfg.tune.perturbation_interval,
                               hyperparam_mutations=mutations, synch=cfg.tune.pbt_sync)
-    return ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
+    # Rungs at epochs 1, 2, 4, ... up to the trials' epochs: --epochs, or a YAML space's own.
+    return ASHAScheduler(time_attr="training_iteration", max_t=param_space.get("epochs", cfg.train.epochs),
                          grace_period=1, reduction_factor=2)

@@ -75,6 +75,22 @@ def test_a_yaml_space_picks_the_recipe_with_the_model_and_tpe_refuses_a_grid(tmp
     assert make_search(cfg.with_overrides({"search_space": str(space)}))[1] is None  # Tune's own sampling
 
 
+def test_asha_stops_trials_at_the_epochs_a_yaml_space_sets_and_refuses_sampled_ones(tmp_path):
+    from cifar_ray.search import make_scheduler
+
+    cfg = PRESETS["smoke"].with_overrides({"scheduler": "asha", "epochs": 2})
+    assert make_scheduler(cfg, make_search(cfg)[0])._max_t == 2
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {loguniform: [0.001, 0.1]}\nepochs: 5\n")
+    with_yaml = cfg.with_overrides({"search_space": str(space)})
+    yaml_space = make_search(with_yaml)[0]
+    assert trial_config({"lr": 0.01, "epochs": 5}, with_yaml).train.epochs == make_scheduler(with_yaml, yaml_space)._max_t == 5
+    space.write_text("lr: {loguniform: [0.001, 0.1]}\nepochs: {choice: [2, 8]}\n")
+    with pytest.raises(ValueError, match="set epochs to one value, or sample it with --scheduler fifo"):
+        make_search(with_yaml)
+    assert make_search(with_yaml.with_overrides({"scheduler": "fifo"}))[0]["epochs"].categories == [2, 8]
+
+
 def test_pbt_starts_one_models_population_and_perturbs_what_it_searches(tmp_path, monkeypatch):
     from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
 
