@@ -32,27 +32,22 @@ def make_search(cfg: Config) -> tuple[dict, object]:
     from ray.tune.search.optuna import OptunaSearch
 
     t = cfg.tune
+    space = parse_search_space(yaml.safe_load(Path(t.search_space).read_text()) or {}) if t.search_space else None
+    if space and t.scheduler != "fifo" and "epochs" in space and not isinstance(space["epochs"], int):
+        # ASHA's rungs and PBT's steps count up to one number of epochs (epochs_of); PBT's
+        # trials also copy each other's checkpoints, schedules and all.
+        raise ValueError(f"--scheduler {t.scheduler} trains every trial for one number of epochs: set epochs "
+                         "to one value, or sample it with --scheduler fifo")
     if t.scheduler == "pbt":
         if t.search == "tpe":
             raise ValueError("--scheduler pbt evolves its population itself: use it with --search random")
-        space = (parse_search_space(yaml.safe_load(Path(t.search_space).read_text()) or {}) if t.search_space
-                 else pbt_space(cfg))
-        if "epochs" in space:
-            # Trials copy each other's checkpoints, schedules and all, and PBT takes no step
-            # at the last epoch: the population trains for the same number of epochs.
-            raise ValueError("--scheduler pbt trains every trial for --epochs: remove epochs from the search space")
-        return space, None
+        return (pbt_space(cfg) if space is None else space), None
     sampler = (optuna.samplers.TPESampler(seed=cfg.train.seed) if t.search == "tpe"
                else optuna.samplers.RandomSampler(seed=cfg.train.seed))
-    if not t.search_space:
+    if space is None:
         # metric and mode here too: Tune hands them only to a searcher it gives a space to
         return {}, OptunaSearch(space=partial(conditioned_space, t=t), sampler=sampler,
                                 metric=SCORE_METRIC, mode="max")
-    space = parse_search_space(yaml.safe_load(Path(t.search_space).read_text()) or {})
-    if t.scheduler == "asha" and "epochs" in space and not isinstance(space["epochs"], int):
-        # ASHA stops every trial at its max_t: one number of epochs for all (make_scheduler).
-        raise ValueError("--scheduler asha decides how many epochs each trial trains, up to one number: "
-                         "set epochs to one value, or sample it with --scheduler fifo")
     if t.search == "random":
         return space, None
     if any(isinstance(v, dict) and "grid_search" in v for v in space.values()):
@@ -115,6 +110,12 @@ def trial_config(params: dict, base: Config) -> Config:
     return with_recipe(base, model).with_overrides({"epochs": base.train.epochs, **sampled})
 
 
+def epochs_of(param_space: dict, cfg: Config) -> int:
+    """How many epochs every trial trains: a YAML space's one value, else --epochs
+    (trial_config gives trials the same)."""
+    return param_space.get("epochs", cfg.train.epochs)
+
+
 def parse_search_space(spec: dict) -> dict:
     """YAML {field: {sampler: args} | value} -> Tune space; field names and types are checked."""
     space = {}
@@ -162,8 +163,8 @@ def make_scheduler(cfg: Config, param_space: dict):
         # others' scores at their last step, so of trials in lockstep only the last to report
         # can be found in the bottom quarter (benchmarks/README.md); --pbt-sync waits for all.
         # No step at the last epoch: a copy there could train no further.
-        return NoStepAtTheEnd(cfg.train.epochs, perturbation_interval=cfg.tune.perturbation_interval,
+        return NoStepAtTheEnd(epochs_of(param_space, cfg), perturbation_interval=cfg.tune.perturbation_interval,
                               hyperparam_mutations=mutations, synch=cfg.tune.pbt_sync)
-    # Rungs at epochs 1, 2, 4, ... up to the trials' epochs: --epochs, or a YAML space's own.
-    return ASHAScheduler(time_attr="training_iteration", max_t=param_space.get("epochs", cfg.train.epochs),
+    # Rungs at epochs 1, 2, 4, ... up to the trials' epochs.
+    return ASHAScheduler(time_attr="training_iteration", max_t=epochs_of(param_space, cfg),
                          grace_period=1, reduction_factor=2)

@@ -86,7 +86,7 @@ def test_asha_stops_trials_at_the_epochs_a_yaml_space_sets_and_refuses_sampled_o
     yaml_space = make_search(with_yaml)[0]
     assert trial_config({"lr": 0.01, "epochs": 5}, with_yaml).train.epochs == make_scheduler(with_yaml, yaml_space)._max_t == 5
     space.write_text("lr: {loguniform: [0.001, 0.1]}\nepochs: {choice: [2, 8]}\n")
-    with pytest.raises(ValueError, match="set epochs to one value, or sample it with --scheduler fifo"):
+    with pytest.raises(ValueError, match="asha trains every trial for one number of epochs: set epochs to one"):
         make_search(with_yaml)
     assert make_search(with_yaml.with_overrides({"scheduler": "fifo"}))[0]["epochs"].categories == [2, 8]
 
@@ -129,8 +129,10 @@ def test_pbt_starts_one_models_population_and_perturbs_what_it_searches(tmp_path
     with pytest.raises(ValueError, match="must sample at least one"):
         make_scheduler(with_yaml, make_search(with_yaml)[0])
     fixed.write_text("lr: {loguniform: [0.01, 0.1]}\nepochs: {choice: [4, 8]}\n")
-    with pytest.raises(ValueError, match="trains every trial for --epochs"):
+    with pytest.raises(ValueError, match="pbt trains every trial for one number of epochs"):
         make_search(with_yaml)
+    fixed.write_text("lr: {loguniform: [0.01, 0.1]}\nepochs: 5\n")  # one value: every trial's, and the last
+    assert make_scheduler(with_yaml, make_search(with_yaml)[0]).last_epoch == 5
 
 
 def test_a_run_restored_with_a_perturbed_lr_and_weight_decay_goes_on_with_them(tmp_path):
