@@ -47,8 +47,17 @@ from cifar_ray.search import make_scheduler, make_search, parse_search_space, tr
 
 
 def trial_run_config(params: dict, trial_id: str, *, base: Config, trials_dir: str) -> Config:
-    """The Config a trial trains with: trial_config, named for the trial, under trials/."""
-    return with_global_batch(trial_config(params, base).with_overrides({"name": trial_id, "storage_path": trials_dir}))
+    """The Config a trial trains with: trial_config, named for the trial, under trials/.
+
+    Its Ray Train run never restarts its workers (max_failures 0): Tune restarts a failed
+    trial instead (run's FailureConfig, --max-failures times), and Ray Train resumes the
+    trial's run folder from its last checkpoint. Why: when Tune stops a trial, Ray kills the
+    trial's Ray Train controller, and a controller allowed to restart can see its workers
+    die first and make a new placement group as it goes. Ray 2.60 never removes that group:
+    it held 1.5 of 2 CPUs, and the next trial waited for CPUs forever (seen in this suite).
+    """
+    return with_global_batch(trial_config(params, base).with_overrides(
+        {"name": trial_id, "storage_path": trials_dir, "max_failures": 0}))
 
 
 def run_trial(params: dict, base: dict, train, val, info: DataInfo, trials_dir: str, tracking_uri: str,
@@ -137,13 +146,7 @@ def run(cfg: Config) -> dict:
                 metric=SCORE_METRIC,
                 mode="max",
             ),
-            # Tune holds checkpoints only under PBT (fit_pbt_part), for trials to copy, and keeps
-            # them all while trials run: PBT's save of a top trial registers its latest checkpoint
-            # a second time, so num_to_keep=N kept about N/2, and a copy decided one or two epochs
-            # earlier could be deleted before the copying trial read it. remove_tune_copies frees
-            # them at the end.
-            run_config=tune.RunConfig(name=cfg.run.name, storage_path=cfg.run.storage_path, verbose=1,
-                                      callbacks=[trial_runs]),
+            run_config=experiment_run_config(cfg, callbacks=[trial_runs]),
         )
     with tracking.run_status(uri, run_id):
         tracking.log_data_info(uri, run_id, info)
@@ -159,6 +162,21 @@ def run(cfg: Config) -> dict:
         write_file(experiment_dir, "summary.json", json.dumps(summary, indent=2).encode())
         tracking.log_outputs(uri, run_id, experiment_dir)
     return best
+
+
+def experiment_run_config(cfg: Config, callbacks: list):
+    """Tune's RunConfig: a failed trial restarts up to --max-failures times (its Ray Train
+    run does not: trial_run_config says why).
+
+    Tune holds checkpoints only under PBT (fit_pbt_part), for trials to copy, and keeps them
+    all while trials run: PBT's save of a top trial registers its latest checkpoint a second
+    time, so num_to_keep=N kept about N/2, and a copy decided one or two epochs earlier could
+    be deleted before the copying trial read it. remove_tune_copies frees them at the end.
+    """
+    from ray import tune
+
+    return tune.RunConfig(name=cfg.run.name, storage_path=cfg.run.storage_path, verbose=1, callbacks=callbacks,
+                          failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures))
 
 
 def remove_tune_copies(results) -> None:

@@ -179,6 +179,21 @@ def test_trials_fit_the_cluster_and_leave_cpus_for_data():
     assert trial_resources(cfg, cluster_cpus=16) == (4, 1.75)
 
 
+def test_tune_restarts_a_failed_trial_and_the_trials_ray_train_run_never_restarts_itself():
+    """Ray Train inside a trial must not restart its workers: when Tune stops a trial, a
+    controller allowed to can make a new placement group as Ray kills it, which Ray never
+    removes (trial_run_config). Tune restarts the trial instead, and Ray Train resumes the
+    trial's folder from its last checkpoint (checked by hand: a trial's worker SIGKILLed
+    after epoch 1 of 3, history 1, 2, 3)."""
+    from cifar_ray.tune import experiment_run_config, trial_run_config
+
+    cfg = PRESETS["smoke"].with_overrides({"max_failures": 3})
+    trial = trial_run_config({"lr": 0.02}, "abc123", base=cfg, trials_dir="/runs/x/trials")
+    assert (trial.run.max_failures, trial.run.name, trial.run.storage_path, trial.train.lr) == (
+        0, "abc123", "/runs/x/trials", 0.02)
+    assert experiment_run_config(cfg, callbacks=[]).failure_config.max_failures == 3
+
+
 def tune_flags(cfg) -> list[str]:
     """`python -m cifar_ray.tune` flags for the experiment configured as `cfg`."""
     t = cfg.tune
