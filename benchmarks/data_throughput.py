@@ -3,7 +3,7 @@
     python benchmarks/data_throughput.py [--data ../shared/data/cifar10/train] [--train-rate 650]
 
 Sides, interleaved (A, B, A, B), each over every image of --data:
-- Ray Data: read Parquet, decode JPEG/PNG (data.decode_batch), augment (augment.augment_batch,
+- Ray Data: read Parquet, decode JPEG/PNG (images.decode_batch), augment (augment.augment_batch,
   crop_flip and notebook), iterated on the driver as numpy batches: what a worker receives.
 - The notebook's path. ImageDataGenerator is gone in Keras 3; its replacement is the
   preprocessing layers (RandomRotation 15 degrees, RandomTranslation 0.1, RandomFlip,

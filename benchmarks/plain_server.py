@@ -4,7 +4,7 @@
     curl --data-binary @cat.jpg -H 'content-type: image/jpeg' localhost:8001/predict
 
 What a user could write in an afternoon instead of Ray Serve, written as well as we can:
-one process, no Ray, no batching; the same decode (cifar_ray.data.decode_image) and the
+one process, no Ray, no batching; the same decode (cifar_ray.images.decode_image) and the
 same compiled `tf.function` forward pass as the Serve replica, called per request from
 FastAPI's thread pool (a sync endpoint), so the event loop only does HTTP.
 benchmarks/serve_load.py starts it as a subprocess and drives it with the same client.
@@ -16,7 +16,7 @@ import numpy as np
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Request
 
-from cifar_ray.data import DataSourceError, decode_image
+from cifar_ray.images import DataSourceError, decode_image
 from cifar_ray.live_model import load
 
 

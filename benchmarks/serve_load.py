@@ -113,7 +113,7 @@ async def load(url: str, body: bytes, concurrency: int, seconds: float, polite: 
 def model_alone(checkpoint: str, batch_size: int, seconds: float = 3.0) -> dict:
     """The model in this process, as the replica calls it: ms per 1-image call (median of 200,
     with the JPEG decode), and images/s at `batch_size` back to back for `seconds`."""
-    from cifar_ray.data import decode_image
+    from cifar_ray.images import decode_image
     from cifar_ray.live_model import load as load_model
 
     model = load_model(Path(checkpoint), version="bench")

@@ -203,7 +203,7 @@ def first_line(error: BaseException, limit: int = 300) -> str:
 def find_user_error(error: BaseException) -> BaseException | None:
     """The user-facing cause inside an error that Ray may have wrapped several times."""
     from cifar_ray.checkpoint import CheckpointError
-    from cifar_ray.data import DataSourceError
+    from cifar_ray.images import DataSourceError
 
     seen = set()
     stack = [error]

@@ -134,7 +134,7 @@ def write_eval_set(ds, folder: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cifar_ray.data import encode_png
+    from cifar_ray.images import encode_png
 
     images, labels = [], []
     for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):

@@ -54,7 +54,7 @@ def parse_json_images(body: bytes) -> tuple[np.ndarray, bool]:
 
 
 def decode_upload(data: bytes) -> np.ndarray:
-    from cifar_ray.data import DataSourceError, decode_image
+    from cifar_ray.images import DataSourceError, decode_image
 
     try:
         return decode_image(data, resize=True)

@@ -8,7 +8,8 @@ import pytest
 from conftest import encode, make_images, unusual_images, write_image_folder, write_parquet_folder
 from cifar_ray.config import DataConfig
 from cifar_ray.augment import augment_batch, crop_flip, notebook_augment
-from cifar_ray.data import DataSourceError, decode_batch, decode_image, load_training_data, read_source
+from cifar_ray.data import load_training_data, read_source
+from cifar_ray.images import DataSourceError, decode_batch, decode_image
 
 
 @pytest.fixture
