@@ -85,7 +85,8 @@ class ScalingConfig:
 class RunConfig:
     name: Optional[str] = _f(None, "run name; rerunning a name resumes it (default: a timestamp)")
     storage_path: str = _f("./runs", "where runs are written: a local path or a URI (s3://, gs://)")
-    max_failures: int = _f(2, "worker-group restarts allowed, each from the last checkpoint")
+    max_failures: int = _f(2, "restarts allowed when a worker dies, each from the last checkpoint (tune: restarts "
+                           "of the trial)")
     keep_checkpoints: int = _f(2, "best checkpoints kept, by validation accuracy")
 
 
