@@ -54,7 +54,7 @@ def trial_run_config(params: dict, trial_id: str, *, base: Config, trials_dir: s
     trial's run folder from its last checkpoint. Why: when Tune stops a trial, Ray kills the
     trial's Ray Train controller, and a controller allowed to restart can see its workers
     die first and make a new placement group as it goes. Ray 2.60 never removes that group:
-    it held 1.5 of 2 CPUs, and the next trial waited for CPUs forever (seen in this suite).
+    it held 1.5 of a 2-CPU test cluster's CPUs, and the next trial waited for them forever.
     """
     return with_global_batch(trial_config(params, base).with_overrides(
         {"name": trial_id, "storage_path": trials_dir, "max_failures": 0}))
