@@ -49,12 +49,13 @@ from cifar_ray.search import make_scheduler, make_search, parse_search_space, tr
 def trial_run_config(params: dict, trial_id: str, *, base: Config, trials_dir: str) -> Config:
     """The Config a trial trains with: trial_config, named for the trial, under trials/.
 
-    Its Ray Train run never restarts its workers (max_failures 0): Tune restarts a failed
-    trial instead (run's FailureConfig, --max-failures times), and Ray Train resumes the
-    trial's run folder from its last checkpoint. Why: when Tune stops a trial, Ray kills the
-    trial's Ray Train controller, and a controller allowed to restart can see its workers
-    die first and make a new placement group as it goes. Ray 2.60 never removes that group:
-    it held 1.5 of a 2-CPU test cluster's CPUs, and the next trial waited for them forever.
+    Its Ray Train run never restarts a running worker group (max_failures 0; a group that
+    fails to start, Ray Train still retries): Tune restarts a failed trial instead
+    (experiment_run_config), and Ray Train resumes the trial's run folder from its last
+    checkpoint. Why: when Tune stops a trial, Ray kills the trial's Ray Train controller,
+    and a controller allowed to restart can see its workers die first and make a new
+    placement group as it goes. Ray 2.60 never removes that group: it held 1.5 of a 2-CPU
+    test cluster's CPUs, and the next trial waited for them forever.
     """
     return with_global_batch(trial_config(params, base).with_overrides(
         {"name": trial_id, "storage_path": trials_dir, "max_failures": 0}))
