@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 
 from cifar_ray.config import CLASS_NAMES, IMAGE_SHAPE, DataConfig
-from cifar_ray.images import NUM_CLASSES, DataSourceError, decode_batch, drop_bad_rows
+from cifar_ray.images import DataSourceError, decode_batch
 from cifar_ray.split import (add_digests, compute_normalization, compute_patch_covariance, data_fingerprint,
                              split_by_digest)
 
@@ -54,7 +54,7 @@ def read_source(spec: str, *, split: str = "train", synthetic_size: int = 2000, 
     `split` only matters for `cifar10`, the one source that ships a test split. A bad row
     (undecodable image, wrong size, label out of range) stops the read with an error naming
     its file and row; with `skip_bad_rows` it is reported and flagged `ok == False` instead
-    (see `images.drop_bad_rows`).
+    (see `drop_bad_rows`).
     """
     if spec == "cifar10":
         return _read_keras_cifar10(split)
@@ -159,11 +159,18 @@ def _read_synthetic(n: int, seed: int):
 
 def make_synthetic_batch(batch: dict, seed: int) -> dict:
     ids = batch["id"].astype(np.int64)
-    labels = ids % NUM_CLASSES
-    palette = np.random.default_rng(1234).uniform(30, 225, size=(NUM_CLASSES, 3))
+    labels = ids % len(CLASS_NAMES)
+    palette = np.random.default_rng(1234).uniform(30, 225, size=(len(CLASS_NAMES), 3))
     noise = np.stack([np.random.default_rng([seed, int(i)]).normal(0, 25, IMAGE_SHAPE) for i in ids])
     images = np.clip(palette[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8)
     return {"image": images, "label": labels}
+
+
+def drop_bad_rows(ds):
+    """(rows that decoded, number skipped) of a dataset read with skip_bad_rows."""
+    ds = ds.materialize()
+    good = ds.filter(lambda row: row["ok"]).drop_columns(["ok"]).materialize()
+    return good, ds.count() - good.count()
 
 
 def label_from_folder(batch: dict) -> dict:

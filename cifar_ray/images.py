@@ -12,12 +12,9 @@ import numpy as np
 
 from cifar_ray.config import CLASS_NAMES, IMAGE_SHAPE
 
-NUM_CLASSES = len(CLASS_NAMES)
-
 
 class DataSourceError(ValueError):
     """A problem with the user's data, reported as one line, never a traceback."""
-
 
 
 def decode_batch(batch: dict, skip_bad_rows: bool = False) -> dict:
@@ -31,8 +28,8 @@ def decode_batch(batch: dict, skip_bad_rows: bool = False) -> dict:
     ok = np.ones(len(labels), bool)
     for i, (data, label) in enumerate(zip(batch["image"], labels)):
         try:
-            if not 0 <= label < NUM_CLASSES:
-                raise DataSourceError(f"label {label} is out of range 0..{NUM_CLASSES - 1}")
+            if not 0 <= label < len(CLASS_NAMES):
+                raise DataSourceError(f"label {label} is out of range 0..{len(CLASS_NAMES) - 1}")
             images[i] = decode_image(data)
         except DataSourceError as e:
             where = locate_row(batch, i)
@@ -66,13 +63,6 @@ def locate_row(batch: dict, i: int) -> str:
     except OSError:  # a remote path (bucket/key): the file name alone still helps
         pass
     return path
-
-
-def drop_bad_rows(ds):
-    """(rows that decoded, number skipped) of a dataset read with skip_bad_rows."""
-    ds = ds.materialize()
-    good = ds.filter(lambda row: row["ok"]).drop_columns(["ok"]).materialize()
-    return good, ds.count() - good.count()
 
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # larger headers are refused before decoding (bombs)

@@ -179,7 +179,7 @@ def test_trials_fit_the_cluster_and_leave_cpus_for_data():
     assert trial_resources(cfg, cluster_cpus=16) == (4, 1.75)
 
 
-def test_tune_restarts_a_failed_trial_and_the_trials_ray_train_run_never_restarts_itself():
+def test_tune_is_set_to_restart_a_failed_trial_and_the_trials_ray_train_run_never_to_restart_itself():
     """Ray Train inside a trial must not restart its workers: when Tune stops a trial, a
     controller allowed to can make a new placement group as Ray kills it, which Ray never
     removes (trial_run_config). Tune restarts the trial instead, and Ray Train resumes the
