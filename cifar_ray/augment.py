@@ -2,7 +2,8 @@
 Data step that applies them in small tasks beside the training workers, with new draws
 every epoch.
 
-    crop_flip   reflect-pad by 4, random 32x32 crop, horizontal flip (the usual CIFAR recipe)
+    crop_flip   reflect-pad by 4 (--crop-padding; fast_resnet's recipe: 2), random 32x32 crop,
+                horizontal flip (the usual CIFAR recipe)
     notebook    the notebook's ImageDataGenerator: rotation, shifts, flip, optional zoom
 """
 
@@ -13,18 +14,19 @@ import numpy as np
 AUGMENT_TASK_CPUS = 0.25  # small tasks fit beside the training workers
 
 
-def add_augmentation(ds, mode: str):
+def add_augmentation(ds, mode: str, crop_padding: int = 4):
     """Lazily augment `ds`: every pass over it (every epoch) draws new transforms."""
     if mode == "none":
         return ds
-    return ds.map_batches(augment_batch, batch_format="numpy", fn_kwargs={"mode": mode},
+    return ds.map_batches(augment_batch, batch_format="numpy", fn_kwargs={"mode": mode, "crop_padding": crop_padding},
                           batch_size=512, num_cpus=AUGMENT_TASK_CPUS)
 
 
-def augment_batch(batch: dict, mode: str, rng: np.random.Generator | None = None) -> dict:
+def augment_batch(batch: dict, mode: str, rng: np.random.Generator | None = None, crop_padding: int = 4) -> dict:
     rng = rng or np.random.default_rng()
-    augment = {"crop_flip": crop_flip, "notebook": notebook_augment}[mode]
-    return {**batch, "image": augment(batch["image"], rng)}
+    if mode == "crop_flip":
+        return {**batch, "image": crop_flip(batch["image"], rng, pad=crop_padding)}
+    return {**batch, "image": notebook_augment(batch["image"], rng)}
 
 
 def crop_flip(images: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray:

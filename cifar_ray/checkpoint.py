@@ -99,6 +99,8 @@ def load_checkpoint(directory: str | Path, compile: bool = True):
     """Load (model, metadata) from a local checkpoint folder, with Keras safe_mode."""
     import keras
 
+    import cifar_ray.models  # noqa: F401  registers fast_resnet's own layer, initializer and optimizer
+
     metadata = read_metadata(directory)
     model_path = Path(directory) / MODEL_FILE
     if not model_path.is_file():

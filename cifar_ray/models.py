@@ -31,6 +31,9 @@ import keras
 from keras import layers
 
 from cifar_ray.config import CLASS_NAMES, IMAGE_SHAPE, TrainConfig
+from cifar_ray.optim import CoupledSGD, Triangle
+
+WHITENING = "whitening"  # the whitening layer's name: its bias stops training after a few epochs
 
 
 def normalized_input(mean: Sequence[float], std: Sequence[float]) -> tuple[keras.KerasTensor, keras.KerasTensor]:
@@ -72,32 +75,71 @@ def shallow_cnn(mean, std, patch_covariance=None, num_classes: int = len(CLASS_N
     return keras.Model(inputs, notebook_head(x, num_classes), name="shallow_cnn")
 
 
-def conv_bn_relu(x: keras.KerasTensor, width: int, pool: bool = False) -> keras.KerasTensor:
-    """3x3 conv (then an optional 2x2 max pool), BatchNorm, ReLU."""
-    x = layers.Conv2D(width, 3, padding="same", use_bias=False)(x)
+def torch_like_init() -> keras.initializers.Initializer:
+    """PyTorch's default conv and linear init, uniform in +-1/sqrt(fan_in), which airbench's
+    tuning assumes (Keras' Glorot draws about 2.4x larger for the head)."""
+    return keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform")
+
+
+@keras.saving.register_keras_serializable("cifar_ray")
+class PartialIdentity(keras.initializers.Initializer):
+    """A 3x3 conv kernel that starts as the identity on its first min(c_in, c_out) filters
+    (PyTorch's dirac_, as airbench initializes every 3x3 conv), the rest as torch_like_init."""
+
+    def __call__(self, shape, dtype=None):
+        kernel = np.array(torch_like_init()(shape), dtype="float32")
+        n = min(shape[-2], shape[-1])
+        kernel[:, :, :, :n] = 0.0
+        kernel[shape[0] // 2, shape[1] // 2, np.arange(n), np.arange(n)] = 1.0
+        return keras.ops.convert_to_tensor(kernel, dtype=dtype)
+
+
+def conv_bn_gelu(x: keras.KerasTensor, width: int, pool: bool = False) -> keras.KerasTensor:
+    """3x3 conv (then an optional 2x2 max pool), BatchNorm, GELU, as airbench94.
+
+    BatchNorm as airbench's: no scale (frozen at 1), a bias whose LR is 64x (optim.CoupledSGD's
+    lr_scales on "beta"), eps 1e-12, and momentum 0.6 (PyTorch's 0.4): statistics that follow
+    the fast-moving weights closely.
+    """
+    x = layers.Conv2D(width, 3, padding="same", use_bias=False, kernel_initializer=PartialIdentity())(x)
     if pool:  # pooling before the norm: the norm then sees the statistics the next layer gets
         x = layers.MaxPooling2D()(x)
-    # momentum 0.9 (PyTorch's 0.1): Keras' 0.99 lags for hundreds of steps, so early
-    # validation would be near chance. No scale: a ReLU after it makes gamma redundant
-    # with the next conv's weights (airbench freezes it to 1 too).
-    x = layers.BatchNormalization(momentum=0.9, epsilon=1e-5, scale=False)(x)
-    return layers.ReLU()(x)
+    x = layers.BatchNormalization(momentum=0.6, epsilon=1e-12, scale=False)(x)
+    return layers.Activation("gelu")(x)
 
 
-def residual_block(x: keras.KerasTensor, width: int) -> keras.KerasTensor:
-    """Conv-pool-BN-ReLU to `width` at half the resolution, plus a residual conv."""
-    x = conv_bn_relu(x, width, pool=True)
-    return layers.Add()([x, conv_bn_relu(x, width)])
+@keras.saving.register_keras_serializable("cifar_ray")
+class PatchWhitening(layers.Layer):
+    """A 2x2 'valid' conv with a frozen kernel (a non-trainable weight, so it stays frozen
+    through save and load) and a trainable bias."""
+
+    def __init__(self, filters: int, size: int = 2, **kwargs):
+        super().__init__(**kwargs)
+        self.filters, self.size = filters, size
+
+    def build(self, input_shape):
+        shape = (self.size, self.size, input_shape[-1], self.filters)
+        self.kernel = self.add_weight(shape=shape, initializer="zeros", trainable=False, name="kernel")
+        self.bias = self.add_weight(shape=(self.filters,), initializer="zeros", name="bias")
+
+    def call(self, x):
+        kernel = keras.ops.cast(self.kernel, x.dtype)
+        return keras.ops.conv(x, kernel, padding="valid") + keras.ops.cast(self.bias, x.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters, "size": self.size}
 
 
 def patch_whitening(x: keras.KerasTensor, patch_covariance: Optional[Sequence], eps: float = 5e-4,
                     ) -> keras.KerasTensor:
-    """A frozen 2x2 conv that whitens the image's 2x2x3 patches (airbench).
+    """Whiten the image's 2x2x3 patches (airbench), then GELU.
 
-    Its 24 filters are the 12 eigenvectors of the training set's patch covariance, each
-    scaled by 1/sqrt(eigenvalue) and taken with both signs, so the ReLU after it keeps both
-    halves. Decorrelated inputs let SGD take large steps from the first epoch. Without a
-    covariance (unit tests) it assumes white patches: the identity basis.
+    The 24 frozen filters are the 12 eigenvectors of the training set's patch covariance,
+    each scaled by 1/sqrt(eigenvalue) and taken with both signs, so the GELU after it keeps
+    both halves. Decorrelated inputs let SGD take large steps from the first epoch. The bias
+    trains for the recipe's first epochs only (TrainConfig.whitening_bias_epochs, through
+    optim.CoupledSGD's stop_steps). Without a covariance (unit tests) it assumes white
+    patches: the identity basis.
     """
     size = 2
     dim = size * size * IMAGE_SHAPE[-1]
@@ -105,10 +147,10 @@ def patch_whitening(x: keras.KerasTensor, patch_covariance: Optional[Sequence], 
     eigenvalues, eigenvectors = np.linalg.eigh(covariance)
     filters = eigenvectors / np.sqrt(np.maximum(eigenvalues, 0.0) + eps)
     kernel = np.concatenate([filters, -filters], axis=1).reshape(size, size, IMAGE_SHAPE[-1], 2 * dim)
-    conv = layers.Conv2D(2 * dim, size, padding="valid", use_bias=False, trainable=False, name="whitening")
-    x = conv(x)
-    conv.kernel.assign(kernel.astype("float32"))
-    return layers.ReLU()(x)
+    whitening = PatchWhitening(2 * dim, size, name=WHITENING)
+    x = whitening(x)
+    whitening.kernel.assign(kernel.astype("float32"))
+    return layers.Activation("gelu")(x)
 
 
 def fast_resnet(mean, std, patch_covariance=None, num_classes: int = len(CLASS_NAMES),
@@ -116,10 +158,10 @@ def fast_resnet(mean, std, patch_covariance=None, num_classes: int = len(CLASS_N
     inputs, x = normalized_input(mean, std)
     x = patch_whitening(x, patch_covariance)          # 31x31x24
     for width in widths:                              # 15x15, 7x7, 3x3
-        x = residual_block(x, width)
+        x = conv_bn_gelu(conv_bn_gelu(x, width, pool=True), width)
     x = layers.GlobalMaxPooling2D()(x)
     # Small logits (x 1/9, airbench) keep the early softmax soft: large steps stay stable.
-    x = layers.Dense(num_classes, use_bias=False)(x)
+    x = layers.Dense(num_classes, use_bias=False, kernel_initializer=torch_like_init())(x)
     x = layers.Rescaling(1 / 9)(x)
     outputs = layers.Activation("softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="fast_resnet")
@@ -144,6 +186,8 @@ def learning_rate(cfg: TrainConfig, steps_per_epoch: int) -> float | keras.optim
     """cfg.lr, or its schedule over the run's steps (cfg.schedule)."""
     if cfg.schedule == "constant":
         return cfg.lr
+    if cfg.schedule == "triangle":
+        return Triangle(cfg.lr, cfg.epochs * steps_per_epoch)
     warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
     return keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=0.0 if warmup_steps else cfg.lr,
@@ -165,6 +209,11 @@ def build_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.
     """The optimizer named by cfg.optimizer, with its learning-rate schedule."""
     lr = learning_rate(cfg, steps_per_epoch)
     decay = cfg.weight_decay or None
+    if cfg.optimizer == "sgd_coupled":
+        stop_steps = ({f"{WHITENING}/bias": cfg.whitening_bias_epochs * steps_per_epoch}
+                      if cfg.whitening_bias_epochs is not None else {})
+        return CoupledSGD(lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                          lr_scales={"beta": cfg.bias_lr_scale}, stop_steps=stop_steps)
     if cfg.optimizer == "sgd":
         return keras.optimizers.SGD(lr, momentum=cfg.momentum, nesterov=True, weight_decay=decay)
     if cfg.optimizer == "adam":

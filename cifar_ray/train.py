@@ -182,7 +182,7 @@ def make_trainer(cfg: Config, train, val, info: DataInfo, train_loop=None,
             logging_config=ray.train.LoggingConfig(log_level="WARNING" if is_quiet() else "INFO"),
             callbacks=list(callbacks),
         ),
-        datasets={"train": add_augmentation(train, cfg.data.augment), "val": val},
+        datasets={"train": add_augmentation(train, cfg.data.augment, cfg.data.crop_padding), "val": val},
     )
 
 

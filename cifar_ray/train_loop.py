@@ -65,10 +65,19 @@ def fit_on_this_worker(loop_config: dict, callbacks: tuple = ()) -> keras.Model:
         validation_data=make_tf_dataset(ray.train.get_dataset_shard("val"), cfg.train.batch_size),
         epochs=cfg.train.epochs,
         initial_epoch=len(history),
-        callbacks=[*callbacks, *tensorboard_on_chief(cfg, context.get_world_rank()), ReportEpoch(cfg, info, history)],
+        callbacks=[*callbacks, *lookahead(cfg, steps_per_epoch), *tensorboard_on_chief(cfg, context.get_world_rank()),
+                   ReportEpoch(cfg, info, history)],
         verbose=0,
     )
     return model
+
+
+def lookahead(cfg: Config, steps_per_epoch: int) -> list:
+    """optim.Lookahead over the whole run, where the recipe asks for it (before ReportEpoch, so
+    that the last epoch's checkpoint holds the averaged weights)."""
+    from cifar_ray.optim import Lookahead
+
+    return [Lookahead(cfg.train.epochs * steps_per_epoch)] if cfg.train.lookahead else []
 
 
 def tensorboard_on_chief(cfg: Config, rank: int) -> list:

@@ -57,10 +57,11 @@ def test_override_of_unknown_key_fails():
 
 def test_a_models_recipe_applies_under_yaml_and_flags(tmp_path):
     cfg = parse(["--model", "fast_resnet"])
-    assert (cfg.train.optimizer, cfg.train.schedule, cfg.train.label_smoothing) == ("sgd", "cosine", 0.2)
+    assert (cfg.train.optimizer, cfg.train.schedule, cfg.train.label_smoothing) == ("sgd_coupled", "triangle", 0.2)
+    assert cfg.model.tta and cfg.train.lookahead and cfg.data.crop_padding == 2
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  model: fast_resnet\ntrain:\n  epochs: 3\n")
     cfg = parse(["--config", str(path), "--lr", "0.05"])
-    assert cfg.train.optimizer == "sgd"  # recipe of the model chosen in YAML
+    assert cfg.train.optimizer == "sgd_coupled"  # recipe of the model chosen in YAML
     assert (cfg.train.epochs, cfg.train.lr) == (3, 0.05)  # YAML and flags win over it
     assert parse(["--model", "shallow_cnn"]).train.optimizer == Config().train.optimizer

@@ -258,14 +258,14 @@ def test_precision_policy(monkeypatch, mixed, gpu, native_bf16, expected):
 def test_global_batch_and_linear_lr_scaling():
     from cifar_ray.config import with_global_batch, with_recipe
 
-    cfg = with_recipe(PRESETS["default"], "fast_resnet")  # lr 0.2 tuned for a global batch of 256
-    four_gpus = with_global_batch(cfg.with_overrides({"num_workers": 4, "per_worker_batch_size": 256}))
-    assert four_gpus.train.batch_size == 1024 and four_gpus.train.lr == pytest.approx(0.8)
+    cfg = with_recipe(PRESETS["default"], "fast_resnet")  # lr 1.5 tuned for a global batch of 1024
+    four_gpus = with_global_batch(cfg.with_overrides({"num_workers": 4, "per_worker_batch_size": 512}))
+    assert four_gpus.train.batch_size == 2048 and four_gpus.train.lr == pytest.approx(3.0)
     assert with_global_batch(four_gpus) == four_gpus  # resolving twice changes nothing
     one = with_global_batch(cfg)
-    assert (one.train.batch_size, one.train.lr) == (256, pytest.approx(0.2))
+    assert (one.train.batch_size, one.train.lr) == (1024, pytest.approx(1.5))
     with pytest.raises(ValueError, match="split evenly"):
-        with_global_batch(cfg.with_overrides({"num_workers": 3, "batch_size": 256}))
+        with_global_batch(cfg.with_overrides({"num_workers": 3, "batch_size": 1024}))
     with pytest.raises(ValueError, match="steps-per-execution"):
         with_global_batch(cfg.with_overrides({"num_workers": 2, "steps_per_execution": 4}))
 
