@@ -84,7 +84,9 @@ def add_inference_flags(parser: argparse.ArgumentParser) -> None:
 def add_evaluate_flags(parser: argparse.ArgumentParser) -> None:
     add_inference_flags(parser)
     parser.add_argument("--out", help="write the metrics, figures and MODEL_CARD.md into this folder or URI")
-    parser.add_argument("--tta", action="store_true", help="average each image's and its mirror's predictions")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="test-time augmentation: six views of each image, the mirror and one-pixel shifts "
+                        "(tta.py; default: as the checkpoint's config says, on for fast_resnet)")
 
 
 def add_predict_flags(parser: argparse.ArgumentParser) -> None:

@@ -21,6 +21,7 @@ import numpy as np
 from cifar_ray import report
 from cifar_ray.calibration import TEMPERATURE_KEY, apply_temperature, cross_fitted, fit_temperature, temperature_of
 from cifar_ray.checkpoint import METADATA_FILE, load_checkpoint, local_checkpoint, read_metadata, write_file
+from cifar_ray.tta import predict_with_tta, tta_of
 
 ERRORS_SHOWN = 16
 # Up to this many rows are scored by the driver itself, not by a pool of model actors: a
@@ -33,26 +34,26 @@ class Predictor:
     """A Ray Data actor holding one loaded model: a batch of images -> class probabilities,
     scaled by the checkpoint's temperature (calibration.py) unless `raw`.
 
-    With `tta`, the probabilities are the mean over each image and its mirror image.
+    With `tta` (None: as the checkpoint says), each image's six views (tta.py) are combined
+    before the temperature is applied, as the temperature was fitted.
     """
 
-    def __init__(self, checkpoint: str, tta: bool = False, raw: bool = False):
+    def __init__(self, checkpoint: str, tta: bool | None = None, raw: bool = False):
         with local_checkpoint(checkpoint) as directory:
             self.model, metadata = load_checkpoint(directory, compile=False)
-        self.tta = tta
+        self.tta = tta_of(metadata) if tta is None else tta
         self.temperature = 1.0 if raw else temperature_of(metadata)
 
     def __call__(self, batch: dict) -> dict:
-        probabilities = self.probabilities(batch["image"])
-        if self.tta:
-            probabilities = (probabilities + self.probabilities(batch["image"][:, :, ::-1])) / 2
-        return {**batch, "probabilities": probabilities}
+        images = batch["image"]
+        raw = predict_with_tta(self.predict, images) if self.tta else self.predict(images)
+        return {**batch, "probabilities": apply_temperature(raw, self.temperature)}
 
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        return apply_temperature(np.asarray(self.model.predict_on_batch(images), np.float32), self.temperature)
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return np.asarray(self.model.predict_on_batch(images), np.float32)
 
 
-def predict_dataset(ds, checkpoint: str, num_actors: int = 1, batch_size: int = 512, tta: bool = False,
+def predict_dataset(ds, checkpoint: str, num_actors: int = 1, batch_size: int = 512, tta: bool | None = None,
                     raw: bool = False):
     """Lazily add a `probabilities` column to a dataset of images and labels."""
     import ray.data
@@ -123,7 +124,7 @@ def _tag_part(batch: dict, part: int) -> dict:
 
 
 def evaluate_dataset(ds, checkpoint: str, data: dict, outs: tuple[str, ...] = (),
-                     num_actors: int = 1, tta: bool = False, total: int | None = None) -> dict:
+                     num_actors: int = 1, tta: bool | None = None, total: int | None = None) -> dict:
     """Metrics of `checkpoint` on `ds` (`total` rows, if known); the full audit is written
     into each folder of `outs`.
 
@@ -132,7 +133,7 @@ def evaluate_dataset(ds, checkpoint: str, data: dict, outs: tuple[str, ...] = ()
     return evaluate_datasets(checkpoint, [(ds, data, outs)], num_actors, tta, total)[0]
 
 
-def evaluate_datasets(checkpoint: str, parts: list[tuple], num_actors: int = 1, tta: bool = False,
+def evaluate_datasets(checkpoint: str, parts: list[tuple], num_actors: int = 1, tta: bool | None = None,
                       total: int | None = None, calibrate: bool = False) -> list[dict]:
     """evaluate_dataset for each (ds, data, outs) of `parts`, in one pass of the model
     (predicted_batches): the checkpoint is loaded once, however many datasets it is scored on
@@ -140,10 +141,12 @@ def evaluate_datasets(checkpoint: str, parts: list[tuple], num_actors: int = 1, 
     evaluation set).
 
     With `calibrate` (the end of a training run), the first part fits the checkpoint's
-    temperature, which is stored in its metadata.json before any part is audited.
+    temperature, which is stored in its metadata.json before any part is audited. `tta`
+    None scores as the checkpoint says (tta.py).
     """
     with local_checkpoint(checkpoint) as directory:
         metadata = read_metadata(directory)
+    tta = tta_of(metadata) if tta is None else tta
     ds = parts[0][0]
     if len(parts) > 1:  # one stream, each row tagged with the dataset it came from
         tagged = [ds.map_batches(_tag_part, fn_kwargs={"part": i}, batch_format="numpy")
@@ -232,7 +235,7 @@ def open_source_for(checkpoint: str, data: str):
 
 
 def evaluate(checkpoint: str, data: str, out: str | None = None, num_actors: int = 1,
-             tta: bool = False) -> dict:
+             tta: bool | None = None) -> dict:
     import ray.data
 
     from cifar_ray.data import count_rows

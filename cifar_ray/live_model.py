@@ -27,6 +27,7 @@ import numpy as np
 from cifar_ray.calibration import apply_temperature, temperature_of
 from cifar_ray.config import IMAGE_SHAPE
 from cifar_ray.cli import first_line
+from cifar_ray.tta import predict_with_tta, tta_of
 
 logger = logging.getLogger("ray.serve")
 REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -42,9 +43,15 @@ class Loaded:
     model_card: str | None  # its MODEL_CARD.md
     version: str  # the registry version number; for a checkpoint path, its last two folders
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        """uint8 NHWC images -> class probabilities, scaled by the checkpoint's temperature."""
-        return apply_temperature(self.forward(images.astype(np.float32)).numpy(), temperature_of(self.metadata))
+    def predict(self, images: np.ndarray, tta: bool | None = None) -> np.ndarray:
+        """uint8 NHWC images -> class probabilities, scaled by the checkpoint's temperature;
+        with test-time augmentation (tta.py) if `tta`, or if None and the checkpoint says so."""
+        def forward(x: np.ndarray) -> np.ndarray:
+            return self.forward(x.astype(np.float32)).numpy()
+
+        use_tta = tta_of(self.metadata) if tta is None else tta
+        raw = predict_with_tta(forward, images) if use_tta else forward(images)
+        return apply_temperature(raw, temperature_of(self.metadata))
 
 
 def load(folder: Path, version: str) -> Loaded:

@@ -98,7 +98,7 @@ class Classifier:
         # Decoding and model calls run on these threads, never on the replica's event loop:
         # while one batch computes, the loop keeps reading requests and forming the next.
         self.compute = ThreadPoolExecutor(max_workers=COMPUTE_THREADS, thread_name_prefix="compute")
-        self.batch_wait_s, self.in_flight = self.cfg.batch_wait_timeout_s, 0
+        self.batch_wait_s, self.in_flight, self.tta = self.cfg.batch_wait_timeout_s, 0, self.cfg.tta
         # A model that cannot be loaded keeps the replica up, saying why on /healthz: a
         # replica that raised here would be restarted forever, the reason lost in the logs.
         self.live = LiveModel(self.cfg.checkpoint, tracking_uri)
@@ -119,11 +119,13 @@ class Classifier:
         self.stop.set()
 
     def reconfigure(self, user_config: dict) -> None:
-        """Batching knobs from serve_config.yaml's user_config, applied without a restart."""
+        """Batching knobs and TTA from serve_config.yaml's user_config, applied without a restart."""
         if "max_batch_size" in user_config:
             self.predict_batch.set_max_batch_size(int(user_config["max_batch_size"]))
         if "batch_wait_timeout_s" in user_config:
             self.batch_wait_s = float(user_config["batch_wait_timeout_s"])
+        if "tta" in user_config:  # None: as the served checkpoint says
+            self.tta = None if user_config["tta"] is None else bool(user_config["tta"])
 
     async def _classify(self, images: np.ndarray, queued_at: float) -> tuple:
         """(probabilities, model) for `images`, through the batcher.
@@ -147,7 +149,7 @@ class Classifier:
         for r in requests:
             self.metrics.observe("queue", r.queued_at)
         images = np.concatenate([r.images for r in requests])
-        probabilities = await self._off_loop(model.predict, images)
+        probabilities = await self._off_loop(model.predict, images, self.tta)
         self.metrics.observe("model", started)
         self.metrics.batch_images.observe(len(images))
         self.metrics.serving(model.version, model.metadata["model"])
@@ -274,7 +276,7 @@ def app(args: dict) -> serve.Application:
         logger.warning("serving through Ray's Python proxy; for 3x the requests/s start Ray with "
                        + " ".join(f"{k}={v}" for k, v in FAST_INGRESS_ENV.items()))
     return Classifier.options(user_config={"max_batch_size": cfg.max_batch_size,
-                                           "batch_wait_timeout_s": cfg.batch_wait_timeout_s}
+                                           "batch_wait_timeout_s": cfg.batch_wait_timeout_s, "tta": cfg.tta}
                               ).bind(asdict(cfg), uri)
 
 

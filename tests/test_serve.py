@@ -288,7 +288,7 @@ def test_serve_config_validates_against_ray_schema_and_names_the_app():
     assert application.import_path == "cifar_ray.serve:app"
     deployment = application.deployments[0]
     assert deployment.autoscaling_config["max_replicas"] >= 2
-    assert set(deployment.user_config) == {"max_batch_size", "batch_wait_timeout_s"}
+    assert set(deployment.user_config) == {"max_batch_size", "batch_wait_timeout_s", "tta"}
 
 
 def test_checkpoint_env_var_overrides_args(monkeypatch, tmp_path):
