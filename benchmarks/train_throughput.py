@@ -1,9 +1,14 @@
 """Training throughput: plain keras.fit vs Ray Train with 1 worker and with N workers.
 
     python benchmarks/train_throughput.py [--model notebook_cnn] [--images 8192] [--rounds 2]
+    # the real path: real images, crop_flip in Ray Data vs in a parallel tf.data map
+    python benchmarks/train_throughput.py --model fast_resnet --batch-size 1024 \
+        --data ../shared/data/cifar10/train --limit 10240 --augment crop_flip --workers 0
 
-Same model, data (the synthetic source, uint8 images, one-hot labels), global batch and
-validation split on every side. Sides run interleaved (plain, ray-1, ray-N, plain, ...)
+Same model, data (by default the synthetic source; with --data, the product's split of a
+real source), global batch and validation split on every side. With --augment crop_flip,
+the plain side crops and flips in a tf.data map (num_parallel_calls and prefetch AUTOTUNE,
+as a user without Ray would write it), the Ray side in Ray Data tasks. Sides run interleaved (plain, ray-1, ray-N, plain, ...)
 and each reports steady-state images/s: the median over epochs after the first (which
 traces the graph), each epoch including its validation pass. Ray's start-up (cluster
 join, worker group, first data epoch) is reported separately: wall time minus epochs.
@@ -52,6 +57,17 @@ def matmul_gflops(dtype: str, size: int = 2048, repeats: int = 5) -> float:
     return 2 * size ** 3 / statistics.median(times) / 1e9
 
 
+def tf_crop_flip(pad: int):
+    """crop_flip as a tf.data map: reflect-pad by `pad`, random 32x32 crop, random flip."""
+    import tensorflow as tf
+
+    def augment(image, label):
+        padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+        return tf.image.random_flip_left_right(tf.image.random_crop(padded, (32, 32, 3))), label
+
+    return augment
+
+
 def plain_keras(cfg, train: dict, val: dict) -> dict:
     """keras.fit in this process, the model and compile step exactly as the workers do."""
     import keras
@@ -59,15 +75,18 @@ def plain_keras(cfg, train: dict, val: dict) -> dict:
 
     from cifar_ray.compat import without_autotuning
     from cifar_ray.data import DataInfo
-    from cifar_ray.train_loop import precision_policy, restore_or_build_model
+    from cifar_ray.train_loop import lookahead, precision_policy, restore_or_build_model
 
     keras.mixed_precision.set_global_policy(precision_policy(cfg.train.mixed_precision, cfg.scaling.use_gpu))
-    info = DataInfo("synthetic", len(train["label"]), len(val["label"]), (0.5,) * 3, (0.25,) * 3)
-    model, _ = restore_or_build_model(cfg, info, None, len(train["label"]) // cfg.train.batch_size)
+    info = DataInfo("synthetic", len(train["label"]), len(val["label"]), (125.0,) * 3, (63.0,) * 3)
+    steps = len(train["label"]) // cfg.train.batch_size
+    model, _ = restore_or_build_model(cfg, info, None, steps)
 
     def dataset(d, training):
         ds = tf.data.Dataset.from_tensor_slices((d["image"], tf.one_hot(d["label"], 10)))
         ds = ds.shuffle(4 * cfg.train.batch_size) if training else ds
+        if training and cfg.data.augment == "crop_flip":
+            ds = ds.map(tf_crop_flip(cfg.data.crop_padding), num_parallel_calls=tf.data.AUTOTUNE)
         # As in train_loop.make_tf_dataset, so neither side stalls at epoch boundaries.
         return without_autotuning(ds.batch(cfg.train.batch_size, drop_remainder=training).prefetch(2))
 
@@ -81,7 +100,7 @@ def plain_keras(cfg, train: dict, val: dict) -> dict:
             epoch_times.append(time.perf_counter() - self.start)
 
     model.fit(dataset(train, True), validation_data=dataset(val, False), epochs=cfg.train.epochs,
-              callbacks=[Timer()], verbose=0)
+              callbacks=[Timer(), *lookahead(cfg, steps)], verbose=0)
     return {"epoch_times": epoch_times, "startup_s": 0.0, "model": model}
 
 
@@ -104,6 +123,19 @@ def ray_train(cfg, workers: int) -> dict:
     return {"epoch_times": epoch_times, "startup_s": wall - sum(epoch_times)}
 
 
+def real_split(cfg) -> tuple[dict, dict]:
+    """(train, val) arrays of the product's split of cfg's data source."""
+    from cifar_ray.data import load_training_data
+
+    train, val, _, _ = load_training_data(cfg.data, seed=0)
+
+    def arrays(ds):
+        batches = list(ds.iter_batches(batch_size=4096, batch_format="numpy"))
+        return {k: np.concatenate([b[k] for b in batches]) for k in ("image", "label")}
+
+    return arrays(train), arrays(val)
+
+
 def synthetic_split(images: int, val_fraction: float) -> tuple[dict, dict]:
     """(train, val) arrays of `images` synthetic images (data.make_synthetic_batch), the last
     `val_fraction` held out."""
@@ -124,7 +156,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8192, help="synthetic images (10%% held out)")
     parser.add_argument("--batch-size", type=int, default=128, help="global batch")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=2, help="N for the N-worker side")
+    parser.add_argument("--workers", type=int, default=2, help="N for the N-worker side (0: no such side)")
+    parser.add_argument("--data", default=None, help="a real source (default: synthetic images)")
+    parser.add_argument("--limit", type=int, default=None, help="with --data: training images")
+    parser.add_argument("--augment", default="none", choices=("none", "crop_flip"))
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
@@ -133,17 +168,18 @@ def main() -> None:
     from cifar_ray.config import PRESETS, with_recipe
 
     cfg = with_recipe(PRESETS["default"], args.model).with_overrides({
-        "data": "synthetic", "synthetic_size": args.images, "augment": "none",
-        "batch_size": args.batch_size, "epochs": args.epochs})
+        "data": args.data or "synthetic", "synthetic_size": args.images, "limit": args.limit,
+        "augment": args.augment, "batch_size": args.batch_size, "epochs": args.epochs})
     ray.init(logging_level="ERROR", log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
-    train, val = synthetic_split(args.images, cfg.data.val_fraction)
+    train, val = real_split(cfg) if args.data else synthetic_split(args.images, cfg.data.val_fraction)
     split = len(train["label"])
 
     sides = {"plain keras.fit": lambda: plain_keras(cfg, train, val),
-             "Ray Train, 1 worker": lambda: ray_train(cfg, 1),
-             f"Ray Train, {args.workers} workers": lambda: ray_train(cfg, args.workers)}
+             "Ray Train, 1 worker": lambda: ray_train(cfg, 1)}
+    if args.workers:
+        sides[f"Ray Train, {args.workers} workers"] = lambda: ray_train(cfg, args.workers)
     results = {name: [] for name in sides}
     flops = None
     for round_ in range(args.rounds):
@@ -165,7 +201,8 @@ def main() -> None:
     peak = matmul_gflops(compute_dtype)
     plain_runs = [steady_rate(r, split) for r in results["plain keras.fit"]]
     print(f"\nmodel {args.model}: {flops / 1e6:.0f} MFLOP per training image; {compute_dtype} "
-          f"matmul peak measured {peak:.0f} GFLOP/s; {split} training images, global batch {args.batch_size}")
+          f"matmul peak measured {peak:.0f} GFLOP/s; {split} training images ({cfg.data.data}, augment "
+          f"{cfg.data.augment}), global batch {args.batch_size}")
     print("vs plain: the median of each round's ratio (the sides of a round ran back to back)")
     print(f"{'side':<22} {'img/s':>7} {'vs plain':>8} {'start-up s':>10} {'GFLOP/s':>8} {'MFU':>6}")
     for name, runs in results.items():
