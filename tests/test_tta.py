@@ -37,3 +37,28 @@ def test_combined_views_average_logits_in_one_call():
 def test_a_checkpoint_says_whether_it_is_scored_with_tta():
     assert tta_of({"config": {"model": {"model": "fast_resnet", "tta": True}}})
     assert not tta_of({"config": {"model": {"model": "notebook_cnn"}}})  # made before the field existed
+
+
+def test_evaluate_and_serve_score_a_fast_resnet_checkpoint_with_tta_unless_told_not_to(tmp_path):
+    from cifar_ray import live_model
+    from cifar_ray.checkpoint import make_metadata, save_checkpoint
+    from cifar_ray.config import PRESETS, with_recipe
+    from cifar_ray.data import DataInfo
+    from cifar_ray.evaluate import Predictor
+    from cifar_ray.models import build_model
+
+    cfg = with_recipe(PRESETS["default"], "fast_resnet")
+    info = DataInfo("synthetic", 8, 8, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
+    model = build_model("fast_resnet", info.mean, info.std)
+    save_checkpoint(tmp_path, model, make_metadata(cfg, info, epoch=1, metrics={}, history=[]))
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3)).astype("uint8")
+    plain = np.asarray(model.predict_on_batch(images))
+    six_views = predict_with_tta(lambda x: np.asarray(model.predict_on_batch(x)), images)
+    assert not np.allclose(plain, six_views, atol=1e-4)
+
+    batch = {"image": images, "label": np.zeros(5, "int64")}
+    np.testing.assert_allclose(Predictor(str(tmp_path))(batch)["probabilities"], six_views, atol=1e-5)
+    np.testing.assert_allclose(Predictor(str(tmp_path), tta=False)(batch)["probabilities"], plain, atol=1e-5)
+    served = live_model.load(tmp_path, "1")
+    np.testing.assert_allclose(served.predict(images), six_views, atol=1e-5)
+    np.testing.assert_allclose(served.predict(images, tta=False), plain, atol=1e-5)
