@@ -17,6 +17,8 @@ import numpy as np
 
 from cifar_ray.config import CLASS_NAMES, IMAGE_SHAPE, DataConfig
 from cifar_ray.images import DataSourceError, decode_batch
+
+TRAIN_BLOCKS = 64  # blocks of the training split: the unit shuffle_every_epoch reorders
 from cifar_ray.split import (add_digests, compute_normalization, compute_patch_covariance, data_fingerprint,
                              split_by_digest)
 
@@ -188,6 +190,19 @@ def label_from_folder(batch: dict) -> dict:
 # The training source, split (split.py)
 # ---------------------------------------------------------------------------------------
 
+def shuffle_every_epoch(train, seed: int):
+    """The training split in a new order every epoch (Ray Data reseeds after each pass).
+
+    Ray Data reads a dataset block by block, and the workers shuffle only within a buffer of
+    a few batches: with the split in one block (as it comes out of split.py), every epoch
+    would see its images in nearly the same order. load_training_data cuts it into up to
+    TRAIN_BLOCKS blocks; their order changes every epoch, and the buffer mixes neighbours.
+    """
+    from ray.data import RandomSeedConfig
+
+    return train.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+
+
 def load_training_data(cfg: DataConfig, seed: int):
     """Read, decode and split the training source. Returns (train, val, holdout, DataInfo).
 
@@ -208,6 +223,7 @@ def load_training_data(cfg: DataConfig, seed: int):
     train, val, holdout = split_by_digest(ds, cfg.val_fraction, cfg.limit, seed)
     if train.count() == 0 or val.count() == 0:
         raise DataSourceError(f"--data {cfg.data}: too few images for a train/validation split")
+    train = train.repartition(max(1, min(TRAIN_BLOCKS, train.count() // 256))).materialize()  # shuffle_every_epoch
     mean, std = compute_normalization(train)
     info = DataInfo(source=cfg.data, num_train=train.count(), num_val=val.count(),
                     mean=tuple(mean), std=tuple(std), skipped_rows=skipped,

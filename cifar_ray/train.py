@@ -26,7 +26,7 @@ from dataclasses import asdict
 
 from cifar_ray.config import Config, training_steps_per_epoch, with_global_batch
 from cifar_ray.augment import AUGMENT_TASK_CPUS
-from cifar_ray.data import DataInfo
+from cifar_ray.data import DataInfo, shuffle_every_epoch
 from cifar_ray.run_folder import (SCORE_METRIC, check_storage_writable, checkpoints_of, finished_run_checkpoints,
                                   log_audit_to_tensorboard, resolve_run, write_run_outputs, write_summary)
 
@@ -182,7 +182,8 @@ def make_trainer(cfg: Config, train, val, info: DataInfo, train_loop=None,
             logging_config=ray.train.LoggingConfig(log_level="WARNING" if is_quiet() else "INFO"),
             callbacks=list(callbacks),
         ),
-        datasets={"train": add_augmentation(train, cfg.data.augment, cfg.data.crop_padding), "val": val},
+        datasets={"train": add_augmentation(shuffle_every_epoch(train, cfg.train.seed), cfg.data.augment,
+                                            cfg.data.crop_padding), "val": val},
     )
 
 

@@ -247,3 +247,14 @@ def test_fast_resnets_first_layer_whitens_the_training_patches(ray_cluster):
     whitened = np.cov(outputs[:, :12], rowvar=False)
     np.testing.assert_allclose(whitened, np.eye(12), atol=0.05)
     np.testing.assert_allclose(outputs[:, 12:], -outputs[:, :12], atol=1e-5)  # both signs kept
+
+
+def test_the_training_split_comes_in_a_new_order_every_epoch(ray_cluster):
+    import ray.data
+
+    from cifar_ray.data import shuffle_every_epoch
+
+    shuffled = shuffle_every_epoch(ray.data.range(2000).repartition(16).materialize(), seed=0)
+    orders = [tuple(row["id"] for row in shuffled.iter_rows()) for _ in range(3)]
+    assert len(set(orders)) == 3
+    assert all(sorted(order) == list(range(2000)) for order in orders)
