@@ -3,6 +3,8 @@ batching on vs off, overload, autoscaling, a replica killed under load.
 
     python benchmarks/serve_load.py --checkpoint runs/NAME/epoch_0002 [--ingress haproxy]
         [--seconds 8] [--levels 1,8,32] [--sustained-seconds 60] [--kill-seconds 30]
+    # only the cost of test-time augmentation: user_config tta true vs false, interleaved
+    python benchmarks/serve_load.py --checkpoint runs/NAME/epoch_0010 --tta-cost --levels 1,32
 
 Deploys cifar_ray.serve with the deployment options of serve_config.yaml on a local Ray,
 then drives it from this process over loopback (127.0.0.1 only) with a bounded asyncio
@@ -196,13 +198,13 @@ def deployment_options() -> dict:
     return options
 
 
-def deploy(checkpoint: str, options: dict, max_batch_size: int, app: str = "cifar") -> None:
+def deploy(checkpoint: str, options: dict, max_batch_size: int, app: str = "cifar", tta=None) -> None:
     from ray import serve
 
     from cifar_ray.serve import Classifier, serve_config_from_args
 
     cfg, uri = serve_config_from_args({"checkpoint": checkpoint, "storage_path": str(ROOT / "runs")})
-    user_config = {**options["user_config"], "max_batch_size": max_batch_size}
+    user_config = {**options["user_config"], "max_batch_size": max_batch_size, "tta": tta}
     serve.run(Classifier.options(**{**options, "user_config": user_config}).bind(asdict(cfg), uri),
               name=app, route_prefix="/")
 
@@ -219,6 +221,25 @@ def print_run(level: int, server: str, r: dict) -> None:
           f"{r['errors']:>6}", flush=True)
 
 
+def compare_tta(args, url: str, body: bytes, options: dict, batch: int, levels: list[int]) -> None:
+    """Serve with test-time augmentation (6 views per image) on and off, interleaved."""
+    print(f"{'clients':>7} {'server':>10} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6}")
+    runs: dict[tuple[int, str], list[dict]] = {}
+    for level in levels:
+        for server in ("tta on", "tta off") * 2:
+            deploy(args.checkpoint, options, batch, tta=server == "tta on")
+            asyncio.run(load(url, body, level, 1.0))  # warm-up, not measured
+            result = asyncio.run(load(url, body, level, args.seconds))
+            runs.setdefault((level, server), []).append(result)
+            print_run(level, server, result)
+    print("\nmedians of the two runs")
+    for level in levels:
+        on, off = ({m: statistics.median(r[m] for r in runs[(level, s)]) for m in ("rps", "p50", "p99")}
+                   for s in ("tta on", "tta off"))
+        print(f"  {level:>3} clients: TTA on {on['rps']:.0f} req/s (p50 {on['p50']:.1f} ms, p99 {on['p99']:.1f} ms), "
+              f"off {off['rps']:.0f} (p50 {off['p50']:.1f}, p99 {off['p99']:.1f}): on / off {on['rps'] / off['rps']:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a local checkpoint folder (runs/NAME/epoch_NNNN)")
@@ -230,6 +251,7 @@ def main() -> None:
     parser.add_argument("--peer-port", type=int, default=8001)
     parser.add_argument("--sustained-seconds", type=float, default=60.0, help="autoscaling phase")
     parser.add_argument("--kill-seconds", type=float, default=30.0, help="replica-kill phase")
+    parser.add_argument("--tta-cost", action="store_true", help="only Serve with TTA on vs off, then stop")
     args = parser.parse_args()
 
     import ray
@@ -256,6 +278,8 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     # Pin one replica for the comparison; autoscaling is measured afterwards.
     fixed = {**options, "autoscaling_config": None, "num_replicas": 1}
+    if args.tta_cost:
+        return compare_tta(args, url, body, fixed, on_size, levels)
     peer = start_peer(args.checkpoint, args.peer_port)
     peer_url = f"http://127.0.0.1:{args.peer_port}/predict"
     print(f"{'clients':>7} {'server':>10} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6}")
