@@ -46,7 +46,7 @@ def add_field_flags(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> 
 def _add_flag(group, section: type, f: dataclasses.Field) -> None:
     flag = "--" + f.name.replace("_", "-")
     kind = field_type(section, f.name)
-    help_text = f"{f.metadata['help']} (default: {f.default})"
+    help_text = f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")  # argparse formats help
     if kind is bool:
         group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
     elif kind is tuple:
