@@ -14,8 +14,8 @@ in a scratch virtualenv with PyTorch's CPU wheel, never in the product's:
     /tmp/torchenv/bin/python benchmarks/airbench_parity.py reference --airbench airbench94.py \\
         --split /tmp/split.npz --epochs 10 --out /tmp/reference.json
     python benchmarks/airbench_parity.py port --split /tmp/split.npz --epochs 10 --out /tmp/port.json
-    # 3. the curves side by side
-    python benchmarks/airbench_parity.py plot /tmp/reference.json /tmp/port.json --out parity.png
+    # 3. the curves side by side, with any `cifar-ray train` run folders on the same split
+    python benchmarks/airbench_parity.py plot /tmp/reference.json /tmp/port.json runs/NAME --out parity.png
 
 `--limit N` on export (e.g. 10000) makes a 2-epoch comparison take minutes. Each side prints
 one line per epoch (mean training loss, validation accuracy) and, at the end, validation
@@ -251,13 +251,30 @@ def write(record: dict, path: str) -> None:
         json.dump(record, fh)
 
 
+def run_record(folder: str) -> dict:
+    """A `cifar-ray train` run folder as a record: its history and its audit's accuracy
+    (which the run scored with the TTA its checkpoint asks for)."""
+    import csv
+    import os
+
+    summary = json.load(open(os.path.join(folder, "summary.json")))
+    rows = list(csv.DictReader(open(os.path.join(folder, "history.csv"))))
+    audit = json.load(open(os.path.join(summary["best_checkpoint"], "metrics.json")))
+    return {"side": f"product ({os.path.basename(folder.rstrip('/'))}, Ray Train)",
+            "epochs": [{"epoch": int(r["epoch"]), "loss": float(r["loss"]), "val_accuracy": float(r["val_accuracy"])}
+                       for r in rows],
+            "lr": [float(r["lr"]) for r in rows], "val_tta2": audit["accuracy"]}
+
+
 def plot(args) -> None:
+    import os
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [json.load(open(p)) for p in args.records]
+    runs = [run_record(p) if os.path.isdir(p) else json.load(open(p)) for p in args.records]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for run in runs:
         epochs = [e["epoch"] for e in run["epochs"]]
