@@ -41,7 +41,7 @@ def normalized_input(mean: Sequence[float], std: Sequence[float]) -> tuple[keras
 
     In float32 under any precision policy: bfloat16 keeps 8 bits of a pixel's value, and
     fast_resnet's whitening layer amplifies the small differences between neighbouring
-    pixels up to 45x. The first layer of the lower-precision policy casts the result.
+    pixels up to 40x. The first layer of the lower-precision policy casts the result.
     """
     inputs = keras.Input(shape=IMAGE_SHAPE, name="image")
     x = layers.Rescaling(1.0 / 255, dtype="float32")(inputs)
