@@ -17,8 +17,6 @@ import numpy as np
 
 from cifar_ray.config import CLASS_NAMES, IMAGE_SHAPE, DataConfig
 from cifar_ray.images import DataSourceError, decode_batch
-
-TRAIN_BLOCKS = 64  # blocks of the training split: the unit shuffle_every_epoch reorders
 from cifar_ray.split import (add_digests, compute_normalization, compute_patch_covariance, data_fingerprint,
                              split_by_digest)
 
@@ -190,17 +188,23 @@ def label_from_folder(batch: dict) -> dict:
 # The training source, split (split.py)
 # ---------------------------------------------------------------------------------------
 
-def shuffle_every_epoch(train, seed: int):
-    """The training split in a new order every epoch (Ray Data reseeds after each pass).
+def shuffle_every_epoch(train):
+    """The training split in a new order every epoch: a task permutes each block's rows (a new
+    draw every pass) ahead of the augmentation.
 
-    Ray Data reads a dataset block by block, and the workers shuffle only within a buffer of
-    a few batches: with the split in one block (as it comes out of split.py), every epoch
-    would see its images in nearly the same order. load_training_data cuts it into up to
-    TRAIN_BLOCKS blocks; their order changes every epoch, and the buffer mixes neighbours.
+    The split comes out of split.py as one block, and the workers shuffle only within a
+    buffer of a few batches: without this, every epoch would see its images in nearly the
+    same order. Cutting the split into many blocks and randomizing their order
+    (randomize_block_order) costs no copy, but it kept Ray Data's streaming executor busy
+    for the whole epoch: its coordinator took 0.53 of a core instead of 0.13 (2.5 s per
+    batch consumed, benchmarks/README.md), a third of the 2-core machine's training.
     """
-    from ray.data import RandomSeedConfig
+    return train.map_batches(_permuted_rows, batch_size=None, batch_format="numpy")
 
-    return train.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+
+def _permuted_rows(batch: dict) -> dict:
+    order = np.random.default_rng().permutation(len(next(iter(batch.values()))))
+    return {key: column[order] for key, column in batch.items()}
 
 
 def load_training_data(cfg: DataConfig, seed: int):
@@ -223,7 +227,6 @@ def load_training_data(cfg: DataConfig, seed: int):
     train, val, holdout = split_by_digest(ds, cfg.val_fraction, cfg.limit, seed)
     if train.count() == 0 or val.count() == 0:
         raise DataSourceError(f"--data {cfg.data}: too few images for a train/validation split")
-    train = train.repartition(max(1, min(TRAIN_BLOCKS, train.count() // 256))).materialize()  # shuffle_every_epoch
     mean, std = compute_normalization(train)
     info = DataInfo(source=cfg.data, num_train=train.count(), num_val=val.count(),
                     mean=tuple(mean), std=tuple(std), skipped_rows=skipped,

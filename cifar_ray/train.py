@@ -182,7 +182,7 @@ def make_trainer(cfg: Config, train, val, info: DataInfo, train_loop=None,
             logging_config=ray.train.LoggingConfig(log_level="WARNING" if is_quiet() else "INFO"),
             callbacks=list(callbacks),
         ),
-        datasets={"train": add_augmentation(shuffle_every_epoch(train, cfg.train.seed), cfg.data.augment,
+        datasets={"train": add_augmentation(shuffle_every_epoch(train), cfg.data.augment,
                                             cfg.data.crop_padding), "val": val},
     )
 
