@@ -185,11 +185,14 @@ def init_ray() -> None:
 
     if ray.is_initialized():
         return
-    quiet = {"worker_process_setup_hook": "cifar_ray.quiet.quiet_start_up"}
+    from cifar_ray import idle_executor
+
+    idle_executor.install()  # and, below, in every worker process
+    hook = "cifar_ray.worker_setup.quiet" if is_quiet() else "cifar_ray.worker_setup.verbose"
     for key, value in LOCAL_RAY_ENV.items():  # read only if ray.init starts Ray: a cluster keeps its own
         os.environ.setdefault(key, value)
     try:
-        ray.init(logging_level="WARNING", runtime_env=quiet if is_quiet() else None)
+        ray.init(logging_level="WARNING", runtime_env={"worker_process_setup_hook": hook})
     except ConnectionError as e:  # RAY_ADDRESS names a cluster that is not there
         raise ClusterUnreachable(
             f"cannot join the Ray cluster at RAY_ADDRESS={os.environ.get('RAY_ADDRESS', '')} ({first_line(e)}); "

@@ -15,6 +15,7 @@ from typing import Optional
 
 import numpy as np
 
+from cifar_ray.augment import AUGMENT_TASK_CPUS
 from cifar_ray.config import CLASS_NAMES, IMAGE_SHAPE, DataConfig
 from cifar_ray.images import DataSourceError, decode_batch
 from cifar_ray.split import (add_digests, compute_normalization, compute_patch_covariance, data_fingerprint,
@@ -194,12 +195,10 @@ def shuffle_every_epoch(train):
 
     The split comes out of split.py as one block, and the workers shuffle only within a
     buffer of a few batches: without this, every epoch would see its images in nearly the
-    same order. Cutting the split into many blocks and randomizing their order
-    (randomize_block_order) costs no copy, but it kept Ray Data's streaming executor busy
-    for the whole epoch: its coordinator took 0.53 of a core instead of 0.13 (2.5 s per
-    batch consumed, benchmarks/README.md), a third of the 2-core machine's training.
+    same order. The task asks for the small share of a CPU that the augmentation tasks ask
+    for: the training workers reserve the rest, and a task that asks for more never starts.
     """
-    return train.map_batches(_permuted_rows, batch_size=None, batch_format="numpy")
+    return train.map_batches(_permuted_rows, batch_size=None, batch_format="numpy", num_cpus=AUGMENT_TASK_CPUS)
 
 
 def _permuted_rows(batch: dict) -> dict:
