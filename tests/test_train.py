@@ -239,7 +239,8 @@ def test_gpu_path_settings_reach_the_workers(two_worker_run):
     model = load_checkpoint(Path(summary["best_checkpoint"]))[0]
     expected = precision_policy(True, use_gpu=False)  # mixed_bfloat16 on AMX CPUs, else float32
     assert model.layers[-1].dtype_policy.name == "float32"  # the softmax stays float32
-    assert {layer.dtype_policy.name for layer in model.layers[1:-1]} == {expected}
+    assert [layer.dtype_policy.name for layer in model.layers[1:3]] == ["float32"] * 2  # the input stem too
+    assert {layer.dtype_policy.name for layer in model.layers[3:-1]} == {expected}
 
 
 @pytest.mark.parametrize("mixed, gpu, native_bf16, expected", [

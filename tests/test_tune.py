@@ -67,7 +67,7 @@ def test_each_model_searches_around_its_own_recipe(search):
 def test_a_yaml_space_picks_the_recipe_with_the_model_and_tpe_refuses_a_grid(tmp_path):
     cfg = PRESETS["smoke"]
     trial = trial_config({"model": "fast_resnet", "lr": 0.05}, cfg)
-    assert (trial.train.optimizer, trial.train.lr, trial.train.epochs) == ("sgd", 0.05, cfg.train.epochs)
+    assert (trial.train.optimizer, trial.train.lr, trial.train.epochs) == ("sgd_coupled", 0.05, cfg.train.epochs)
     space = tmp_path / "space.yaml"
     space.write_text("optimizer: {grid: [adam, sgd]}\n")
     with pytest.raises(ValueError, match="a grid runs with --search random"):
