@@ -57,24 +57,20 @@ class TrainConfig:
     batch_size: int = _f(128, "global batch size, split evenly across workers")
     per_worker_batch_size: Optional[int] = _f(
         None, "batch per worker; sets the global batch to this x --num-workers (wins over --batch-size)")
-    optimizer: str = _f("rmsprop", "optimizer (sgd_coupled: Nesterov SGD as PyTorch's, weight decay "
-                        "through momentum, per-variable LR scales; optim.py)",
+    optimizer: str = _f("rmsprop", "optimizer (sgd_coupled: PyTorch's Nesterov SGD, per-variable LR scales; optim.py)",
                         ("rmsprop", "adam", "sgd", "sgd_coupled"))
     lr: float = _f(1e-3, "peak learning rate")
     lr_batch_size: Optional[int] = _f(
         None, "global batch size --lr is meant for; the LR is scaled linearly to the actual "
         "global batch (default: --lr as given)")
-    schedule: str = _f("constant", "learning-rate schedule (triangle: 0.2x -> 1x at 23% of the steps -> "
-                       "0.07x, airbench's; it ignores --warmup-epochs)", ("constant", "cosine", "triangle"))
+    schedule: str = _f("constant", "LR schedule (triangle: 0.2x -> 1x at 23% of the steps -> 0.07x, airbench's)",
+                       ("constant", "cosine", "triangle"))
     warmup_epochs: float = _f(0.0, "linear warmup before the schedule (epochs)")
     momentum: float = _f(0.9, "momentum for sgd (Nesterov)")
-    weight_decay: float = _f(0.0, "weight decay (0 disables): decoupled, but for sgd_coupled, where it "
-                             "is added to the gradient")
+    weight_decay: float = _f(0.0, "weight decay (0 disables): decoupled; sgd_coupled adds it to the gradient")
     bias_lr_scale: float = _f(1.0, "sgd_coupled: LR multiplier for BatchNorm biases (not for their decay)")
-    whitening_bias_epochs: Optional[int] = _f(None, "fast_resnet: epochs its whitening layer's bias trains "
-                                              "(default: all)")
-    lookahead: bool = _f(False, "every 5 steps move the weights to their running average, whose decay "
-                         "grows with progress; the run ends on the average (optim.Lookahead)")
+    whitening_bias_epochs: Optional[int] = _f(None, "fast_resnet: epochs its whitening bias trains (default: all)")
+    lookahead: bool = _f(False, "every 5 steps the weights become their running average (optim.Lookahead)")
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy loss")
     seed: int = _f(0, "seed for the split, weights and shuffling")
     mixed_precision: bool = _f(True, "mixed precision: float16 on GPUs, bfloat16 on CPUs with "
@@ -148,8 +144,7 @@ class ServeConfig:
                                      "flight (seconds); a lone request never waits")
     max_body_bytes: int = _f(1_000_000, "largest request body accepted (larger: 413)")
     top_k: int = _f(3, "class probabilities returned per image, unless ?top_k= says otherwise")
-    tta: Optional[bool] = _f(None, "test-time augmentation (six views per image, about 6x the compute per "
-                             "image; default: as the served checkpoint says)")
+    tta: Optional[bool] = _f(None, "test-time augmentation, 6x the compute per image (default: the checkpoint's)")
 
 
 @dataclass(frozen=True)
@@ -206,10 +201,9 @@ PBT_MUTATIONS = ("lr", "weight_decay")
 
 # Defaults a model brings with it, applied when it is chosen, under YAML and flags.
 MODEL_RECIPES = {
-    # airbench94's recipe (github.com/KellerJordan/cifar10-airbench), in Keras' units: its LR
-    # 11.5 and decay 0.0153 "per 1024 examples" of a summed loss become, on Keras' mean loss,
-    # lr 11.5 x 1024 / (1024 x (1 + 1/(1 - 0.85))) = 1.5 and a coupled decay 0.0153 / 11.5.
-    # Parity with the reference and time to accuracy: benchmarks/README.md.
+    # airbench94's recipe in Keras' units: LR 11.5 and decay 0.0153 "per 1024 examples" of a summed
+    # loss become lr 11.5 x 1024 / (1024 x (1 + 1/(1 - 0.85))) = 1.5 on the mean loss and a coupled
+    # decay 0.0153 / 11.5. Parity with airbench94.py and time to accuracy: benchmarks/README.md.
     "fast_resnet": {"epochs": 10, "batch_size": 1024, "optimizer": "sgd_coupled", "lr": 1.5,
                     "lr_batch_size": 1024, "momentum": 0.85, "schedule": "triangle", "warmup_epochs": 0.0,
                     "weight_decay": 0.0153 / 11.5, "bias_lr_scale": 64.0, "whitening_bias_epochs": 3,

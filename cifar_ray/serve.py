@@ -124,8 +124,7 @@ class Classifier:
             self.predict_batch.set_max_batch_size(int(user_config["max_batch_size"]))
         if "batch_wait_timeout_s" in user_config:
             self.batch_wait_s = float(user_config["batch_wait_timeout_s"])
-        if "tta" in user_config:  # None: as the served checkpoint says
-            self.tta = None if user_config["tta"] is None else bool(user_config["tta"])
+        self.tta = user_config.get("tta", self.tta)  # None: as the served checkpoint says
 
     async def _classify(self, images: np.ndarray, queued_at: float) -> tuple:
         """(probabilities, model) for `images`, through the batcher.
