@@ -205,7 +205,7 @@ MODEL_RECIPES = {
     # loss become lr 11.5 x 1024 / (1024 x (1 + 1/(1 - 0.85))) = 1.5 on the mean loss and a coupled
     # decay 0.0153 / 11.5. Parity with airbench94.py and time to accuracy: benchmarks/README.md.
     "fast_resnet": {"epochs": 10, "batch_size": 1024, "optimizer": "sgd_coupled", "lr": 1.5,
-                    "lr_batch_size": 1024, "momentum": 0.85, "schedule": "triangle", "warmup_epochs": 0.0,
+                    "lr_batch_size": 1024, "momentum": 0.85, "schedule": "triangle",
                     "weight_decay": 0.0153 / 11.5, "bias_lr_scale": 64.0, "whitening_bias_epochs": 3,
                     "lookahead": True, "label_smoothing": 0.2, "augment": "crop_flip", "crop_padding": 2,
                     "tta": True},
