@@ -170,9 +170,9 @@ def main() -> None:
     cfg = with_recipe(PRESETS["default"], args.model).with_overrides({
         "data": args.data or "synthetic", "synthetic_size": args.images, "limit": args.limit,
         "augment": args.augment, "batch_size": args.batch_size, "epochs": args.epochs})
-    # As cifar-ray's CLI starts Ray (cli.init_ray): Ray Data's executor paced in every worker.
-    ray.init(logging_level="ERROR", log_to_driver=False,
-             runtime_env={"worker_process_setup_hook": "cifar_ray.worker_setup.verbose"})
+    from cifar_ray.cli import init_ray
+
+    init_ray()  # as cifar-ray's commands start Ray: idle workers kept, Ray Data's executor paced
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     train, val = real_split(cfg) if args.data else synthetic_split(args.images, cfg.data.val_fraction)
