@@ -78,7 +78,7 @@ def plain_keras(cfg, train: dict, val: dict) -> dict:
     from cifar_ray.train_loop import lookahead, precision_policy, restore_or_build_model
 
     keras.mixed_precision.set_global_policy(precision_policy(cfg.train.mixed_precision, cfg.scaling.use_gpu))
-    info = DataInfo("synthetic", len(train["label"]), len(val["label"]), (125.0,) * 3, (63.0,) * 3)
+    info = DataInfo("synthetic", len(train["label"]), len(val["label"]), (0.5,) * 3, (0.25,) * 3)
     steps = len(train["label"]) // cfg.train.batch_size
     model, _ = restore_or_build_model(cfg, info, None, steps)
 
