@@ -16,7 +16,8 @@ import numpy as np
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Request
 
-from cifar_ray.images import DataSourceError, decode_image
+from cifar_ray.errors import DataSourceError
+from cifar_ray.images import decode_image
 from cifar_ray.live_model import load
 
 

@@ -21,7 +21,6 @@ import asyncio
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -88,8 +87,9 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from cifar_ray.registry import Registry
-    from cifar_ray.serve import Classifier, serve_config_from_args
+    from cifar_ray.model_registry import Registry
+    from cifar_ray.serve import serve_config_from_args
+    from cifar_ray.serve_deployment import Classifier
 
     store = tempfile.mkdtemp(prefix="cifar-ray-swap-")
     registry = Registry(f"sqlite:///{store}/mlflow.db")
@@ -102,7 +102,7 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     options = {**deployment_options(), "autoscaling_config": None, "num_replicas": 1}
     cfg, uri = serve_config_from_args({"tracking_uri": registry.uri, "poll_interval_s": args.poll_interval_s})
-    serve.run(Classifier.options(**options).bind(asdict(cfg), uri), name="cifar", route_prefix="/")
+    serve.run(Classifier.options(**options).bind(cfg, uri), name="cifar", route_prefix="/")
     url = f"http://127.0.0.1:{args.port}/predict"
     body = sample_jpeg()
     asyncio.run(load_recording_versions(url, body, args.clients, 2.0))  # warm-up, not measured

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -25,13 +24,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+from cifar_ray import storage
+from cifar_ray.errors import CheckpointError
+
 FORMAT_VERSION = 1
 MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete, corrupt or from an incompatible version."""
 
 
 def library_versions() -> dict:
@@ -119,70 +117,17 @@ def load_checkpoint(directory: str | Path, compile: bool = True):
 @contextmanager
 def local_checkpoint(path_or_uri: str) -> Iterator[Path]:
     """A local folder with the checkpoint's files: the path itself, or a download of a URI."""
-    if "://" not in path_or_uri:
+    if not storage.is_uri(path_or_uri):
         if not Path(path_or_uri).is_dir():
             raise CheckpointError(f"{path_or_uri}: no such checkpoint folder")
         yield Path(path_or_uri)
         return
-    from ray.train import Checkpoint
-
     with tempfile.TemporaryDirectory(prefix="cifar-ray-ckpt-") as tmp:
         try:
-            Checkpoint(path_or_uri).to_directory(tmp)
+            storage.copy_folder(path_or_uri, tmp)
         except Exception as e:
             raise CheckpointError(f"{path_or_uri}: cannot be fetched ({e})") from None
         yield Path(tmp)
-
-
-def write_file(directory: str, name: str, data: bytes) -> None:
-    """Write into a local folder or a URI (s3://, gs://) alike, creating the folder.
-
-    A reader never sees half a file: locally the bytes go to a hidden file beside it, which
-    is then renamed over it (an interrupted write leaves the old file as it was); an object
-    store's upload appears whole or not at all.
-    """
-    import pyarrow.fs
-
-    if "://" not in directory:
-        directory = str(Path(directory).resolve())
-    fs, path = pyarrow.fs.FileSystem.from_uri(directory)
-    fs.create_dir(path, recursive=True)
-    final = f"{path.rstrip('/')}/{name}"
-    if not isinstance(fs, pyarrow.fs.LocalFileSystem):
-        with fs.open_output_stream(final) as out:
-            out.write(data)
-        return
-    aside = f"{path.rstrip('/')}/.{name}.{os.getpid()}.tmp"
-    try:
-        with fs.open_output_stream(aside) as out:
-            out.write(data)
-        fs.move(aside, final)
-    except BaseException:
-        if fs.get_file_info(aside).type != pyarrow.fs.FileType.NotFound:
-            fs.delete_file(aside)
-        raise
-
-
-def copy_checkpoint(source: str, destination: str) -> None:
-    """Replace `destination` (folder or URI) with a copy of the checkpoint at `source`."""
-    import pyarrow.fs
-
-    source, destination = (p if "://" in p else str(Path(p).resolve()) for p in (source, destination))
-    fs, path = pyarrow.fs.FileSystem.from_uri(destination)
-    fs.delete_dir_contents(path, missing_dir_ok=True)
-    fs.create_dir(path, recursive=True)
-    pyarrow.fs.copy_files(source, destination)
-
-
-def read_file(directory: str, name: str) -> bytes:
-    """Read from a local folder or a URI alike."""
-    import pyarrow.fs
-
-    if "://" not in directory:
-        return (Path(directory) / name).read_bytes()
-    fs, path = pyarrow.fs.FileSystem.from_uri(f"{directory.rstrip('/')}/{name}")
-    with fs.open_input_stream(path) as f:
-        return f.read()
 
 
 def checkpoint_names(run_dir: str) -> list[str]:
@@ -191,18 +136,8 @@ def checkpoint_names(run_dir: str) -> list[str]:
     A folder whose upload was cut short (a worker killed while saving) lacks a file and
     is left out; Ray Train never registered it, so resuming skips it too.
     """
-    fs, folders = subfolders(run_dir, "epoch_")
+    fs, folders = storage.subfolders(run_dir, "epoch_")
     return sorted(f.base_name for f in folders if _is_complete(fs, f.path))
-
-
-def subfolders(directory: str, prefix: str) -> tuple:
-    """(file system, infos of the folders in `directory` whose names start with `prefix`);
-    none when `directory` does not exist. Local paths and URIs alike."""
-    import pyarrow.fs
-
-    fs, path = pyarrow.fs.FileSystem.from_uri(directory if "://" in directory else str(Path(directory).resolve()))
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
-    return fs, [i for i in infos if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith(prefix)]
 
 
 def _is_complete(fs, folder: str) -> bool:
@@ -222,6 +157,6 @@ def best_checkpoint_in(run_dir: str, metric: str = "val_accuracy") -> str:
     names = checkpoint_names(run_dir)
     if not names:
         raise CheckpointError(f"{run_dir}: no checkpoints")
-    score = {n: json.loads(read_file(f"{run_dir.rstrip('/')}/{n}", METADATA_FILE))["metrics"][metric]
+    score = {n: json.loads(storage.read_file(f"{run_dir.rstrip('/')}/{n}", METADATA_FILE))["metrics"][metric]
              for n in names}
     return f"{run_dir.rstrip('/')}/{max(names, key=score.__getitem__)}"

@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Callable
 
+from cifar_ray.errors import ClusterUnreachable, find_user_error, first_line
 from cifar_ray.flags import add_config_flags, add_field_flags
 from cifar_ray.quiet import QUIET_FLAG, is_quiet, quiet_start_up
 
@@ -42,22 +43,6 @@ EXAMPLES = """examples:
 # task worker after 1 s, and each epoch's first batch waited ~2 s for a new worker process
 # to run its Ray Data task (benchmarks/idle_workers.py). Idle workers live 60 s instead.
 LOCAL_RAY_ENV = {"RAY_idle_worker_killing_time_threshold_ms": "60000"}
-
-
-class ClusterUnreachable(ConnectionError):
-    """The Ray cluster this stage was told to join cannot be reached."""
-
-
-class TrainingFailed(RuntimeError):
-    """Training stopped after --max-failures restarts; its checkpoints are kept.
-
-    Defined here, not in train.py: under `python -m cifar_ray.train` that module is
-    __main__, and its classes would not match the ones this module checks for.
-    """
-
-
-# What a user can act on: printed as one line, exit status 2 (run_cli).
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, ClusterUnreachable)
 
 
 # ---------------------------------------------------------------------------------------
@@ -197,32 +182,6 @@ def init_ray() -> None:
         raise ClusterUnreachable(
             f"cannot join the Ray cluster at RAY_ADDRESS={os.environ.get('RAY_ADDRESS', '')} ({first_line(e)}); "
             "start it (`ray start --head`), or unset RAY_ADDRESS to start a local one") from None
-
-
-def first_line(error: BaseException, limit: int = 300) -> str:
-    """An error's message as one short line (its type when it has no message)."""
-    text = str(error).strip()
-    return text.splitlines()[0][:limit] if text else type(error).__name__
-
-
-def find_user_error(error: BaseException) -> BaseException | None:
-    """The user-facing cause inside an error that Ray may have wrapped several times."""
-    from cifar_ray.checkpoint import CheckpointError
-    from cifar_ray.images import DataSourceError
-
-    seen = set()
-    stack = [error]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        ours = (DataSourceError, CheckpointError, TrainingFailed)
-        if isinstance(e, ours) and not isinstance(getattr(e, "cause", None), ours):
-            return e  # the innermost one: Ray's wrappers subclass the cause's type too
-        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
-        stack += list(getattr(e, "worker_failures", {}).values())  # Ray Train's worker errors
-    return error if isinstance(error, USER_ERRORS) else None
 
 
 def run_cli(main: Callable[[], object]) -> None:

@@ -17,7 +17,9 @@ import numpy as np
 
 from cifar_ray.augment import AUGMENT_TASK_CPUS
 from cifar_ray.config import CLASS_NAMES, IMAGE_SHAPE, DataConfig
-from cifar_ray.images import DataSourceError, decode_batch
+from cifar_ray.errors import DataSourceError
+from cifar_ray.images import decode_batch
+from cifar_ray.storage import is_uri
 from cifar_ray.split import (add_digests, compute_normalization, compute_patch_covariance, data_fingerprint,
                              split_by_digest)
 
@@ -67,7 +69,7 @@ def read_source(spec: str, *, split: str = "train", synthetic_size: int = 2000, 
     # a bad row's DataSourceError reaches the caller as itself, not as Ray's generic wrapper
     ray.data.DataContext.get_current().raise_original_map_exception = True
     decode = {"fn_kwargs": {"skip_bad_rows": skip_bad_rows}, "batch_format": "numpy"}
-    if "://" in spec or _contains_parquet(Path(spec)):
+    if _is_parquet(spec):
         return _read_parquet(spec).map_batches(decode_batch, **decode)
     return _read_image_folder(spec).map_batches(decode_batch, **decode)
 
@@ -75,7 +77,7 @@ def read_source(spec: str, *, split: str = "train", synthetic_size: int = 2000, 
 def count_rows(spec: str) -> int | None:
     """A Parquet source's rows from its files' metadata, without reading them (None for
     other sources): the total that progress lines count towards."""
-    if spec in ("cifar10", "synthetic") or not ("://" in spec or _contains_parquet(Path(spec))):
+    if spec in ("cifar10", "synthetic") or not _is_parquet(spec):
         return None
     import pyarrow.dataset
 
@@ -90,10 +92,15 @@ def check_source(spec: str) -> None:
     (or find it cached), before any Ray work starts: an offline machine fails in seconds."""
     if spec == "cifar10":
         load_keras_cifar10()
-    if spec not in ("cifar10", "synthetic") and "://" not in spec and not os.path.exists(spec):
+    if spec not in ("cifar10", "synthetic") and not is_uri(spec) and not os.path.exists(spec):
         raise DataSourceError(
             f"--data {spec}: no such file or folder (expected 'cifar10', 'synthetic', "
             "a Parquet folder or an image folder)")
+
+
+def _is_parquet(spec: str) -> bool:
+    """A URI (Parquet is the only remote source) or a local folder holding Parquet files."""
+    return is_uri(spec) or _contains_parquet(Path(spec))
 
 
 def _contains_parquet(path: Path) -> bool:
@@ -188,6 +195,12 @@ def label_from_folder(batch: dict) -> dict:
 # ---------------------------------------------------------------------------------------
 # The training source, split (split.py)
 # ---------------------------------------------------------------------------------------
+
+def training_steps_per_epoch(num_train: int, global_batch_size: int, num_workers: int) -> int:
+    """Optimizer steps in one epoch, for any worker count: Ray Train gives each worker an
+    equal share of the training split, and each step takes one full per-worker batch."""
+    return (num_train // num_workers) // (global_batch_size // num_workers)
+
 
 def shuffle_every_epoch(train):
     """The training split in a new order every epoch: a task permutes each block's rows (a new

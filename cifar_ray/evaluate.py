@@ -20,7 +20,8 @@ import numpy as np
 
 from cifar_ray import report
 from cifar_ray.calibration import TEMPERATURE_KEY, apply_temperature, cross_fitted, fit_temperature, temperature_of
-from cifar_ray.checkpoint import METADATA_FILE, load_checkpoint, local_checkpoint, read_metadata, write_file
+from cifar_ray.checkpoint import METADATA_FILE, load_checkpoint, local_checkpoint, read_metadata
+from cifar_ray.storage import write_file
 from cifar_ray.tta import predict_with_tta, tta_of
 
 ERRORS_SHOWN = 16

@@ -11,10 +11,7 @@ import sys
 import numpy as np
 
 from cifar_ray.config import CLASS_NAMES, IMAGE_SHAPE
-
-
-class DataSourceError(ValueError):
-    """A problem with the user's data, reported as one line, never a traceback."""
+from cifar_ray.errors import DataSourceError
 
 
 def decode_batch(batch: dict, skip_bad_rows: bool = False) -> dict:

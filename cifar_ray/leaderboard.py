@@ -57,7 +57,8 @@ def trial_status(result) -> str:
 
 def write_experiment_outputs(cfg: Config, experiment_dir: str, results) -> dict:
     """leaderboard.csv/.md, comparison.png, best/ (the winner's checkpoint, with best.json)."""
-    from cifar_ray.checkpoint import best_checkpoint_in, copy_checkpoint, read_file, write_file
+    from cifar_ray.checkpoint import METADATA_FILE, best_checkpoint_in
+    from cifar_ray.storage import read_file, replace_folder, write_file
 
     rows = leaderboard_rows(cfg, results)
     if not rows or rows[0]["best_val_accuracy"] is None:
@@ -71,8 +72,8 @@ def write_experiment_outputs(cfg: Config, experiment_dir: str, results) -> dict:
     winner = rows[0]
     checkpoint = best_checkpoint_in(winner["run_folder"])
     best_dir = f"{experiment_dir}/best"
-    copy_checkpoint(checkpoint, best_dir)
-    metadata = json.loads(read_file(best_dir, "metadata.json"))
+    replace_folder(checkpoint, best_dir)
+    metadata = json.loads(read_file(best_dir, METADATA_FILE))
     best = {"trial": winner["trial"], "checkpoint": checkpoint,
             "config": {k: v for k, v in winner.items() if k in SEARCHED},
             "best_val_accuracy": metadata["metrics"][SCORE_METRIC], "best_epoch": metadata["epoch"],

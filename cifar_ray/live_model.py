@@ -26,7 +26,7 @@ import numpy as np
 
 from cifar_ray.calibration import apply_temperature, temperature_of
 from cifar_ray.config import IMAGE_SHAPE
-from cifar_ray.cli import first_line
+from cifar_ray.errors import first_line
 from cifar_ray.tta import predict_with_tta, tta_of
 
 logger = logging.getLogger("ray.serve")

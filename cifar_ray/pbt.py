@@ -19,10 +19,11 @@ from ray.train import UserCallback
 from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
 from ray.util.queue import Empty, Queue
 
-from cifar_ray.checkpoint import copy_checkpoint, read_metadata, subfolders
+from cifar_ray.checkpoint import read_metadata
 from cifar_ray.config import Config
 from cifar_ray.data import DataInfo
 from cifar_ray.run_folder import checkpoints_of
+from cifar_ray.storage import replace_folder, subfolders
 from cifar_ray.train import make_trainer
 
 
@@ -49,7 +50,7 @@ def fit_pbt_part(cfg: Config, train, val, info: DataInfo, logger) -> tuple[Confi
     if len(history) >= cfg.train.epochs:
         checkpoint = f"{part.run_dir}/epoch_{len(history):04d}"
         with start.as_directory() as directory:
-            copy_checkpoint(str(directory), checkpoint)
+            replace_folder(str(directory), checkpoint)
         tune.report({**history[-1], "checkpoint_path": checkpoint})
         return part, (part.run_dir, checkpoint, checkpoint)
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})

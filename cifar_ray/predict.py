@@ -9,10 +9,9 @@ name, its confidence, and all class probabilities.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
+from cifar_ray import storage
 from cifar_ray.config import CLASS_NAMES
 
 
@@ -34,7 +33,7 @@ def predict(checkpoint: str, data: str, out: str, num_actors: int = 1) -> int:
 
     predictions = predict_dataset(open_source_for(checkpoint, data), checkpoint, num_actors)
     predictions = predictions.map_batches(to_prediction_rows, batch_format="numpy").materialize()
-    predictions.write_parquet(out if "://" in out else str(Path(out).resolve()))
+    predictions.write_parquet(storage.absolute(out))
     return predictions.count()
 
 

@@ -1,8 +1,9 @@
-"""Registering a checkpoint: score it on the fixed evaluation set, store its files in
-MLflow, make it a version of the registered model, and let the gate decide on it.
+"""Registering a checkpoint: store its files in MLflow, make it a version of the registered
+model, and let the gate decide on it.
 
-The end of every train run and Tune experiment calls `register_run`; `python -m
-cifar_ray.registry register CHECKPOINT` calls `register_checkpoint` for one made earlier.
+The end of every train run and Tune experiment (lifecycle.finish_run) and `cifar-ray
+registry register CHECKPOINT` call `register`, with the checkpoint's scores on the fixed
+evaluation set (eval_set.py); the champion's are read from its tags, or measured.
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ import json
 import tempfile
 from pathlib import Path
 
-from cifar_ray import tracking
-from cifar_ray.cli import first_line
-from cifar_ray.config import Config, RegistryConfig
-from cifar_ray.gate import (EvalSet, RegistryError, Scores, audit_and_score, champion_scores, choose_eval_set,
-                            decide, score, write_eval_set)
-from cifar_ray.registry import CHECKPOINT_ARTIFACT, EVAL_SET_ARTIFACT, MODEL_SHA_TAG, Registry
+from cifar_ray.config import RegistryConfig
+from cifar_ray.errors import RegistryError, TrackingUnavailable, first_line
+from cifar_ray.eval_set import EvalSet, score, write_eval_set
+from cifar_ray.gate import Scores, decide
+from cifar_ray.model_registry import CHECKPOINT_ARTIFACT, EVAL_SET_ARTIFACT, MODEL_SHA_TAG, Registry
 
 
 def register(registry: Registry, cfg: RegistryConfig, run_id: str, checkpoint: str, eval_set: EvalSet,
@@ -28,7 +28,8 @@ def register(registry: Registry, cfg: RegistryConfig, run_id: str, checkpoint: s
 
     Returns what summary.json records: version, decision, reason, scores and the champion.
     """
-    from cifar_ray.checkpoint import METADATA_FILE, local_checkpoint, read_file
+    from cifar_ray.checkpoint import METADATA_FILE, local_checkpoint
+    from cifar_ray.storage import read_file
 
     registry.ensure_model()
     champion = registry.champion()
@@ -93,79 +94,23 @@ def format_outcome(o: dict) -> str:
             f"  evaluation set: {o['eval_set']['description']} [{o['eval_set']['fingerprint']}]")
 
 
-def register_run(cfg: Config, run_id: str, checkpoint: str, holdout, info, run_dir: str,
-                 audit: tuple | None = None) -> tuple[dict | None, dict]:
-    """The end of a train or Tune run: register its best checkpoint through the gate.
-
-    `audit` is evaluate_dataset's (ds, data, outs) for the checkpoint's own audit, done in
-    the same model pass as the gate's scoring, before the checkpoint is copied into the
-    registry, so the version carries it. Returns (the audit's metrics, the registry's
-    outcome). A registry that cannot be reached costs no work: the audit is still written,
-    the checkpoints stay where they are, and the error says how to register them later.
-    """
-    from cifar_ray.evaluate import evaluate_datasets
-
-    uri = tracking.tracking_uri(cfg)
-    try:
-        registry = Registry(uri)
-        eval_set = choose_eval_set(registry, cfg.registry, registry.champion(), holdout, info.source)
-    except Exception as e:
-        if audit:
-            evaluate_datasets(checkpoint, [audit], total=audit[0].count(), calibrate=True)
-        raise _registration_failed(e, uri, run_dir, checkpoint) from None
-    audited, candidate = audit_and_score(checkpoint, eval_set, audit)
-    tags = {"run": cfg.run.name, "run_dir": run_dir, "git_commit": tracking.git_commit(),
-            "data_source": info.source, "data_fingerprint": info.fingerprint, "model": cfg.model.model}
-    try:
-        return audited, register(registry, cfg.registry, run_id, checkpoint, eval_set, tags, candidate)
-    except Exception as e:
-        raise _registration_failed(e, uri, run_dir, checkpoint) from None
+def champion_scores(registry: Registry, champion, eval_set: EvalSet) -> Scores | None:
+    """The champion's scores on `eval_set`: its tags if scored there, else measured now."""
+    if champion is None:
+        return None
+    stored = Scores.from_tags(champion.tags)
+    if stored is not None and stored.eval_set == eval_set.fingerprint:
+        return stored
+    print(f"scoring champion version {champion.version} on the evaluation set ({eval_set.description})", flush=True)
+    with tempfile.TemporaryDirectory(prefix="cifar-ray-champion-") as tmp:
+        return score(str(registry.download(champion, tmp)), eval_set)
 
 
-def _registration_failed(error: Exception, uri: str, run_dir: str, checkpoint: str) -> Exception:
+def registration_failed(error: Exception, uri: str, run_dir: str, checkpoint: str) -> Exception:
     """A RegistryError as it is; anything else means the store failed: say how to register later."""
     if isinstance(error, RegistryError):
         return error
-    return tracking.TrackingUnavailable(
+    return TrackingUnavailable(
         f"cannot register the model in {uri} ({first_line(error)}); the run's checkpoints are kept in "
         f"{run_dir}; register the best later with: python -m cifar_ray.registry register {checkpoint} "
         f"--tracking-uri {uri}")
-
-
-def register_checkpoint(cfg: Config, checkpoint: str) -> dict:
-    """`registry register`: a checkpoint made earlier, through the gate, in its own MLflow run.
-
-    For a first version with no --eval-data, the evaluation set is held out of the
-    checkpoint's own training source, as at the end of training.
-    """
-    from cifar_ray.checkpoint import local_checkpoint, read_metadata
-    from cifar_ray.cli import init_ray
-
-    with local_checkpoint(checkpoint) as folder:
-        metadata = read_metadata(folder)
-    uri = tracking.tracking_uri(cfg)
-    registry = Registry(uri)
-    champion = registry.champion()
-    init_ray()
-    holdout = None
-    if not cfg.registry.eval_data and champion is None:
-        holdout = holdout_of_training_source(Config.from_dict(metadata["config"]))
-    eval_set = choose_eval_set(registry, cfg.registry, champion, holdout, metadata["data"]["source"])
-    name = f"register-{Path(checkpoint.rstrip('/')).parent.name}-{Path(checkpoint.rstrip('/')).name}"
-    run_cfg = Config.from_dict(metadata["config"]).with_overrides({"name": name})
-    run_id = tracking.start_run(uri, run_cfg, kind="register")
-    tags = {"run": metadata["config"]["run"]["name"], "checkpoint": checkpoint, "git_commit": tracking.git_commit(),
-            "data_source": metadata["data"]["source"], "data_fingerprint": metadata["data"].get("fingerprint"),
-            "model": metadata["model"]}
-    outcome = register(registry, cfg.registry, run_id, checkpoint, eval_set, tags)
-    tracking.end_run(uri, run_id)
-    return outcome
-
-
-def holdout_of_training_source(cfg: Config):
-    from cifar_ray.data import read_source
-    from cifar_ray.split import add_digests, holdout_of
-
-    d = cfg.data
-    ds = add_digests(read_source(d.data, synthetic_size=d.synthetic_size, seed=cfg.train.seed)).materialize()
-    return holdout_of(ds)

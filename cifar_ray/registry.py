@@ -1,4 +1,4 @@
-"""The model registry: every exported model is a version, and a gate decides which is champion.
+"""`cifar-ray registry`: the registered model's versions, its champion, and registering.
 
     python -m cifar_ray.registry list
     python -m cifar_ray.registry show 3
@@ -8,131 +8,24 @@
 
 The registered model `cifar10-classifier` lives in the MLflow store of tracking.py. The best
 checkpoint of every train run and of every Tune experiment becomes a new version
-(registration.py). Its files are copied into the run's MLflow artifacts, so a version stays
-loadable after Ray Train prunes the run's own checkpoints.
-
-The gate (gate.py) scores every version on one fixed evaluation set and decides which one
-is `champion`, the alias Serve follows. The decision and its reason are printed and kept as
-the version's tags.
+(registration.py), scored on one fixed evaluation set (eval_set.py); the gate (gate.py)
+decides which version is `champion`, the alias Serve follows (model_registry.py). The
+decision and its reason are printed and kept as the version's tags.
 """
 
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 from cifar_ray import tracking
-from cifar_ray.cli import first_line
-from cifar_ray.config import CHAMPION, REGISTERED_MODEL, Config, RegistryConfig
-from cifar_ray.gate import Decision, RegistryError, Scores, judge
+from cifar_ray.config import Config
+from cifar_ray.errors import RegistryError, TrackingUnavailable, first_line
+from cifar_ray.eval_set import choose_eval_set
+from cifar_ray.model_registry import Registry, promote, rollback
+from cifar_ray.registration import register
 
-HISTORY_TAG = "champion_history"  # on the registered model: versions that held the alias, in order
-EVAL_SET_ARTIFACT = "eval_set"
-CHECKPOINT_ARTIFACT = "checkpoint"
-MODEL_SHA_TAG = "model_sha256"  # on a version: its model.keras, to know a checkpoint registered before
-
-
-# ---------------------------------------------------------------------------------------
-# The registered model in MLflow
-# ---------------------------------------------------------------------------------------
-
-class Registry:
-    """The registered model `cifar10-classifier` in one MLflow store, and its champion."""
-
-    def __init__(self, uri: str, name: str = REGISTERED_MODEL):
-        self.uri, self.name = uri, name
-        self.client = tracking.client(uri)
-
-    def ensure_model(self) -> None:
-        if not self._exists():
-            self.client.create_registered_model(
-                self.name, description="CIFAR-10 classifiers from cifar-ray; the alias champion is served")
-
-    def _exists(self) -> bool:
-        return self._or_none(self.client.get_registered_model, self.name) is not None
-
-    def versions(self) -> list:
-        if not self._exists():
-            return []
-        found = self.client.search_model_versions(f"name = '{self.name}'")
-        return sorted(found, key=lambda v: int(v.version))
-
-    def version(self, version: str):
-        found = self._or_none(self.client.get_model_version, self.name, str(version))
-        if found is None:
-            raise RegistryError(f"{self.name} has no version {version}")
-        return found
-
-    def version_holding(self, run_id: str, model_sha256: str | None):
-        """The version registered from MLflow run `run_id` with this model file, or None."""
-        if not model_sha256 or not self._exists():
-            return None
-        found = self.client.search_model_versions(f"name = '{self.name}' and run_id = '{run_id}'")
-        return next((v for v in found if v.tags.get(MODEL_SHA_TAG) == model_sha256), None)
-
-    def champion(self):
-        """The version the alias points to, or None."""
-        return self._or_none(self.client.get_model_version_by_alias, self.name, CHAMPION)
-
-    @staticmethod
-    def _or_none(lookup, *args):
-        """lookup(*args), or None where MLflow says there is no such thing (it answers
-        RESOURCE_DOES_NOT_EXIST or, for an unknown alias or version, INVALID_PARAMETER_VALUE)."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return lookup(*args)
-        except MlflowException as e:
-            if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-                return None
-            raise
-
-    def history(self) -> list[str]:
-        """Versions that held the alias, oldest first, ending with the current champion
-        (also when the alias was moved outside cifar-ray, by MLflow's UI or client)."""
-        tag = self.client.get_registered_model(self.name).tags.get(HISTORY_TAG, "") if self._exists() else ""
-        history = [v for v in tag.split(",") if v]
-        current = self.champion()
-        if current is not None and (not history or history[-1] != str(current.version)):
-            history.append(str(current.version))
-        return history
-
-    def set_champion(self, version: str, history: list[str] | None = None) -> None:
-        """Move the alias to `version` and record it (after `history`, default: the history so far)."""
-        history = list(self.history() if history is None else history)
-        if not history or history[-1] != str(version):
-            history.append(str(version))
-        self.client.set_registered_model_alias(self.name, CHAMPION, str(version))
-        self.client.set_registered_model_tag(self.name, HISTORY_TAG, ",".join(history[-200:]))
-        self.client.set_model_version_tag(self.name, str(version), "champion_since", now())
-
-    def check_files(self, version) -> None:
-        """A version's checkpoint must be in the store before it may be served."""
-        import mlflow.artifacts
-
-        try:
-            names = {Path(f.path).name for f in mlflow.artifacts.list_artifacts(
-                artifact_uri=version.source, tracking_uri=self.uri)}
-        except Exception as e:
-            raise RegistryError(f"version {version.version}: cannot list its files at {version.source} "
-                                f"({first_line(e)})") from None
-        missing = {"model.keras", "metadata.json"} - names
-        if missing:
-            raise RegistryError(f"version {version.version}: {', '.join(sorted(missing))} missing at {version.source}")
-
-    def download(self, version, destination: str) -> Path:
-        """The version's checkpoint folder, fetched into `destination`."""
-        return tracking.download(self.uri, version.source, destination)
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-# ---------------------------------------------------------------------------------------
-# The command line
-# ---------------------------------------------------------------------------------------
 
 def list_versions(registry: Registry) -> str:
     champion = registry.champion()
@@ -156,41 +49,43 @@ def show_version(registry: Registry, version: str) -> str:
     return json.dumps(info, indent=2)
 
 
-def promote(registry: Registry, cfg: RegistryConfig, version: str, force: bool) -> Decision:
-    """Move champion to `version` if the gate allows it (judged on the scores both versions
-    carry, from the same evaluation set), or regardless with `force`."""
-    candidate = registry.version(version)
-    registry.check_files(candidate)
+def register_checkpoint(cfg: Config, checkpoint: str) -> dict:
+    """`registry register`: a checkpoint made earlier, through the gate, in its own MLflow run.
+
+    For a first version with no --eval-data, the evaluation set is held out of the
+    checkpoint's own training source, as at the end of training.
+    """
+    from cifar_ray.checkpoint import local_checkpoint, read_metadata
+    from cifar_ray.cli import init_ray
+
+    with local_checkpoint(checkpoint) as folder:
+        metadata = read_metadata(folder)
+    uri = tracking.tracking_uri(cfg)
+    registry = Registry(uri)
     champion = registry.champion()
-    if champion is not None and str(champion.version) == str(candidate.version):
-        raise RegistryError(f"version {version} is already champion")
-    if force:
-        decision = Decision(True, "forced by registry promote --force")
-    else:
-        scores = Scores.from_tags(candidate.tags)
-        incumbent = Scores.from_tags(champion.tags) if champion is not None else None
-        if scores is None:
-            raise RegistryError(f"version {version} has no scores on an evaluation set; use --force to promote "
-                                "it anyway")
-        if champion is not None and (incumbent is None or incumbent.eval_set != scores.eval_set):
-            raise RegistryError(f"version {version} and champion version {champion.version} were not scored on "
-                                "the same evaluation set; use --force to promote anyway")
-        decision = judge(scores, incumbent, cfg.min_improvement, cfg.max_class_drop)
-    if decision.promote:
-        registry.set_champion(str(candidate.version))
-        registry.client.set_model_version_tag(registry.name, str(candidate.version), "promoted_by", decision.reason)
-    return decision
+    init_ray()
+    holdout = None
+    if not cfg.registry.eval_data and champion is None:
+        holdout = holdout_of_training_source(Config.from_dict(metadata["config"]))
+    eval_set = choose_eval_set(cfg.registry, uri, champion, holdout, metadata["data"]["source"])
+    name = f"register-{Path(checkpoint.rstrip('/')).parent.name}-{Path(checkpoint.rstrip('/')).name}"
+    run_cfg = Config.from_dict(metadata["config"]).with_overrides({"name": name})
+    run_id = tracking.start_run(uri, run_cfg, kind="register")
+    tags = {"run": metadata["config"]["run"]["name"], "checkpoint": checkpoint, "git_commit": tracking.git_commit(),
+            "data_source": metadata["data"]["source"], "data_fingerprint": metadata["data"].get("fingerprint"),
+            "model": metadata["model"]}
+    outcome = register(registry, cfg.registry, run_id, checkpoint, eval_set, tags)
+    tracking.end_run(uri, run_id)
+    return outcome
 
 
-def rollback(registry: Registry) -> tuple[str, str]:
-    """Champion back to the version that held it before the current one: (from, to)."""
-    history = registry.history()
-    if len(history) < 2:
-        raise RegistryError("no earlier champion to roll back to")
-    current, previous = history[-1], history[-2]
-    registry.check_files(registry.version(previous))
-    registry.set_champion(previous, history=history[:-1])
-    return current, previous
+def holdout_of_training_source(cfg: Config):
+    from cifar_ray.data import read_source
+    from cifar_ray.split import add_digests, holdout_of
+
+    d = cfg.data
+    ds = add_digests(read_source(d.data, synthetic_size=d.synthetic_size, seed=cfg.train.seed)).materialize()
+    return holdout_of(ds)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
@@ -202,8 +97,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         not_config = ("command", "version", "force", "checkpoint", "verbose")
         cfg = Config().with_overrides({k: v for k, v in vars(args).items() if v is not None and k not in not_config})
         if args.command == "register":
-            from cifar_ray.registration import register_checkpoint  # it imports this module
-
             register_checkpoint(cfg, args.checkpoint)
             return
         registry = Registry(tracking.tracking_uri(cfg))
@@ -224,7 +117,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         except (RegistryError, SystemExit):
             raise
         except Exception as e:
-            raise tracking.TrackingUnavailable(f"registry {registry.uri}: {first_line(e)}") from None
+            raise TrackingUnavailable(f"registry {registry.uri}: {first_line(e)}") from None
 
     run_cli(run)
 

@@ -1,4 +1,4 @@
-"""A run's folder, <storage-path>/<name>/: naming it, checking it can be written, finding
+"""A run's folder, <storage-path>/<name>/: naming it, finding
 its checkpoints (also those of a run finished before), and what a run leaves in it at the
 end: summary.json, history.csv, curves.png and the audit's TensorBoard images. Train runs
 and Tune trials share it.
@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from pathlib import Path
 
+from cifar_ray import storage
 from cifar_ray.config import TENSORBOARD_DIR, Config
+from cifar_ray.errors import first_line
 
 SCORE_METRIC = "val_accuracy"  # what checkpoints, trials and runs are ranked by
 
@@ -19,26 +20,7 @@ def resolve_run(cfg: Config, kind: str = "train") -> Config:
     """Name an unnamed run `<kind>-<date>-<time>` and make a local storage path absolute
     (Ray needs one)."""
     return cfg.with_overrides({"name": cfg.run.name or datetime.now().strftime(f"{kind}-%Y%m%d-%H%M%S"),
-                               "storage_path": absolute_storage_path(cfg.run.storage_path)})
-
-
-def absolute_storage_path(path: str) -> str:
-    return path if "://" in path else str(Path(path).expanduser().resolve())
-
-
-def check_storage_writable(storage_path: str) -> None:
-    """Fail before training, not after an hour, when results could not be saved."""
-    import pyarrow.fs
-
-    probe = f"{storage_path.rstrip('/')}/.cifar-ray-write-test"
-    try:
-        fs, path = pyarrow.fs.FileSystem.from_uri(probe)
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with fs.open_output_stream(path) as out:
-            out.write(b"ok")
-        fs.delete_file(path)
-    except Exception as e:
-        raise PermissionError(f"--storage-path {storage_path} is not writable ({e})") from None
+                               "storage_path": storage.absolute(cfg.run.storage_path)})
 
 
 def checkpoints_of(result) -> tuple[str, str, str]:
@@ -64,7 +46,7 @@ def finished_run_checkpoints(cfg: Config) -> tuple[str, str, str] | None:
 def write_run_outputs(cfg: Config, run_dir: str, latest_checkpoint: str, best_checkpoint: str,
                       wall_time_s: float) -> dict:
     """summary.json, history.csv and curves.png next to the checkpoints."""
-    from cifar_ray.checkpoint import local_checkpoint, read_metadata, write_file
+    from cifar_ray.checkpoint import local_checkpoint, read_metadata
     from cifar_ray.report import history_csv, plot_curves
 
     with local_checkpoint(latest_checkpoint) as latest:
@@ -83,30 +65,26 @@ def write_run_outputs(cfg: Config, run_dir: str, latest_checkpoint: str, best_ch
         "config": cfg.to_dict(),
     }
     write_summary(summary)
-    write_file(run_dir, "history.csv", history_csv(history).encode())
-    write_file(run_dir, "curves.png", plot_curves(history, title=f"{cfg.model.model} · {cfg.run.name}"))
+    storage.write_file(run_dir, "history.csv", history_csv(history).encode())
+    storage.write_file(run_dir, "curves.png", plot_curves(history, title=f"{cfg.model.model} · {cfg.run.name}"))
     return summary
 
 
 def write_summary(summary: dict) -> None:
-    from cifar_ray.checkpoint import write_file
-
-    write_file(summary["run_dir"], "summary.json", json.dumps(summary, indent=2).encode())
+    storage.write_file(summary["run_dir"], "summary.json", json.dumps(summary, indent=2).encode())
 
 
-def log_audit_to_tensorboard(summary: dict, audit: dict) -> None:
-    """The best checkpoint's confusion matrix and per-class accuracy, as images at its epoch,
-    beside the curves the chief worker logged (train_loop.tensorboard_on_chief). The images
-    are the audit's own PNGs, read back from the run folder."""
+def log_audit_to_tensorboard(run_dir: str, audited: str, epoch: int, audit: dict) -> None:
+    """A checkpoint's confusion matrix and per-class accuracy, as images at its `epoch`, beside
+    the curves the chief worker logged (train_loop.tensorboard_on_chief). The images are the
+    audit's own PNGs, read back from the folder `audited` holds them in."""
     import tensorflow as tf
 
-    from cifar_ray.checkpoint import read_file
-
-    step = summary["best_epoch"] - 1
+    step = epoch - 1
     try:
-        images = {tag: read_file(summary["run_dir"], png) for tag, png in
+        images = {tag: storage.read_file(audited, png) for tag, png in
                   (("confusion_matrix", "confusion_matrix.png"), ("per_class_accuracy", "per_class.png"))}
-        writer = tf.summary.create_file_writer(f"{summary['run_dir']}/{TENSORBOARD_DIR}/audit")
+        writer = tf.summary.create_file_writer(f"{run_dir}/{TENSORBOARD_DIR}/audit")
         with writer.as_default():
             for tag, png in images.items():
                 tf.summary.image(tag, tf.image.decode_png(png)[None], step=step)
@@ -114,4 +92,4 @@ def log_audit_to_tensorboard(summary: dict, audit: dict) -> None:
             tf.summary.scalar("expected_calibration_error", audit["ece"], step=step)
         writer.close()
     except Exception as e:  # TensorBoard is a view: never lose a run over it
-        print(f"TensorBoard: could not log the audit ({str(e).splitlines()[0]})", flush=True)
+        print(f"TensorBoard: could not log the audit ({first_line(e)})", flush=True)

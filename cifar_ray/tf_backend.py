@@ -6,6 +6,10 @@ run, and every Tune trial, imported TensorFlow (6 s on 2 cores) in a process tha
 runs it, before any worker started. This config does what Ray's does: on start, each
 worker gets the TF_CONFIG that MultiWorkerMirroredStrategy reads, written by Ray's own
 function on the worker, where TensorFlow is wanted anyway.
+
+Three imports below are Ray internals, for want of a public API in Ray 2.60: the enum that
+names a backend's framework (Ray Train's state export and dashboard read it), and the two
+functions Ray's own TensorflowBackend calls, which build each worker's address and TF_CONFIG.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 
 import ray
 from ray.train.backend import Backend, BackendConfig
-from ray.train.v2._internal.util import TrainingFramework
+from ray.train.v2._internal.util import TrainingFramework  # no public home in Ray 2.60
 
 
 @dataclass

@@ -23,8 +23,9 @@ from pathlib import Path
 from ray.train import UserCallback
 from ray.tune import Callback
 
-from cifar_ray.cli import first_line
 from cifar_ray.config import Config, flatten
+from cifar_ray.errors import TrackingUnavailable, first_line
+from cifar_ray.storage import is_uri
 
 EXPERIMENT = "cifar-ray"
 RUN_TAG = "cifar_ray.run"  # the cifar-ray run name, to find a run again on resume
@@ -34,10 +35,6 @@ ARTIFACTS = ("summary.json", "history.csv", "curves.png", "MODEL_CARD.md", "metr
              "leaderboard.csv", "leaderboard.md", "comparison.png")
 
 
-class TrackingUnavailable(ValueError):
-    """The MLflow tracking store or registry cannot be reached."""
-
-
 def tracking_uri(cfg: Config) -> str:
     """--tracking-uri, else MLFLOW_TRACKING_URI, else sqlite beside the runs."""
     if cfg.registry.tracking_uri:
@@ -45,7 +42,7 @@ def tracking_uri(cfg: Config) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     storage = cfg.run.storage_path
-    if "://" in storage:
+    if is_uri(storage):
         raise ValueError(f"--storage-path {storage} is remote, so the embedded MLflow store cannot live "
                          "beside it: point --tracking-uri or MLFLOW_TRACKING_URI at an MLflow server")
     return f"sqlite:///{Path(storage).expanduser().resolve()}/mlflow.db"
@@ -148,7 +145,7 @@ def log_outputs(uri: str, run_id: str, folder: str) -> None:
     """The files of a run folder (local or URI) that people look at, as the run's artifacts."""
     import tempfile
 
-    from cifar_ray.checkpoint import read_file
+    from cifar_ray.storage import read_file
 
     c = client(uri)
     with tempfile.TemporaryDirectory() as tmp:

@@ -12,9 +12,8 @@ checkpoint; a dead worker restarts the group from it (up to --max-failures).
 
 A run folder <storage-path>/<name>/ (run_folder.py) ends with summary.json, history.csv,
 curves.png and the Ray Train checkpoints (the best --keep-checkpoints by validation
-accuracy). The run is tracked in MLflow (tracking.py), and its best checkpoint becomes a
-version of the registered model, which the promotion gate makes champion, the version
-Serve serves, or not (registration.py).
+accuracy). What every run does before and after training, tracking in MLflow, the best
+checkpoint's audit and its registration through the promotion gate, is lifecycle.py's.
 """
 
 from __future__ import annotations
@@ -24,11 +23,10 @@ import os
 import time
 from dataclasses import asdict
 
-from cifar_ray.config import Config, training_steps_per_epoch, with_global_batch
+from cifar_ray.config import Config, with_global_batch
 from cifar_ray.augment import AUGMENT_TASK_CPUS
-from cifar_ray.data import DataInfo, shuffle_every_epoch
-from cifar_ray.run_folder import (SCORE_METRIC, check_storage_writable, checkpoints_of, finished_run_checkpoints,
-                                  log_audit_to_tensorboard, resolve_run, write_run_outputs, write_summary)
+from cifar_ray.data import DataInfo, shuffle_every_epoch, training_steps_per_epoch
+from cifar_ray.run_folder import SCORE_METRIC, checkpoints_of, finished_run_checkpoints, resolve_run, write_run_outputs
 
 # Ray Train's controller takes one report per poll of its workers, every 2 s by default, and
 # a run ends once every report is taken: with epochs shorter than that, each run's end waited
@@ -57,62 +55,22 @@ def run(cfg: Config, train_loop=None) -> dict:
     run's summary (also written to summary.json). `train_loop` replaces the per-worker loop
     of train_loop.py (tests wrap it)."""
     from cifar_ray import tracking
-    from cifar_ray.data import load_training_data
-
-    import ray.data
+    from cifar_ray.lifecycle import finish_run, tracked_run
 
     cfg = with_global_batch(resolve_run(cfg))
-    # An epoch's line (train_loop.format_epoch) says more than a progress bar per dataset.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    check_storage_writable(cfg.run.storage_path)
-    uri = tracking.tracking_uri(cfg)
-    tracking.check_reachable(uri)
     started = time.perf_counter()
-    train, val, holdout, info = load_training_data(cfg.data, seed=cfg.train.seed)
-    print(f"data: {info.num_train} training / {info.num_val} validation images from {info.source}; "
-          f"{info.num_holdout} held out for the registry's evaluation set", flush=True)
-
-    run_id = tracking.start_run(uri, cfg, kind="train")
-    print(f"tracking: MLflow run {run_id} in {uri}", flush=True)
-    with tracking.run_status(uri, run_id):
-        tracking.log_data_info(uri, run_id, info)
+    with tracked_run(cfg, "train") as run:
         checkpoints = finished_run_checkpoints(cfg)
         if checkpoints:
             print(f"all {cfg.train.epochs} epochs of {cfg.run.name} are trained already: no worker group "
                   "starts (raise --epochs to train further)", flush=True)
         else:
-            trainer = make_trainer(cfg, train, val, info, train_loop, callbacks=(tracking.EpochLogger(uri, run_id),))
+            logger = tracking.EpochLogger(run.tracking_uri, run.run_id)
+            trainer = make_trainer(cfg, run.train, run.val, run.info, train_loop, callbacks=(logger,))
             checkpoints = checkpoints_of(fit_or_explain(trainer, cfg))
         summary = write_run_outputs(cfg, *checkpoints, wall_time_s=time.perf_counter() - started)
-        audit = audit_and_register_best(cfg, run_id, summary, val, holdout, info)
-        log_audit_to_tensorboard(summary, audit)
-        tracking.log_outputs(uri, run_id, summary["run_dir"])
-    return summary
-
-
-def audit_and_register_best(cfg: Config, run_id: str, summary: dict, val, holdout, info: DataInfo) -> dict:
-    """Calibrate the best checkpoint and audit it on the validation split (metrics, figures,
-    MODEL_CARD.md, into the run folder and the checkpoint itself, so the model carries it),
-    and register it through the gate: one model pass for all three. The registry's
-    decision and the calibration go into `summary` and summary.json; a registry that cannot
-    be reached is recorded there too, and its error raised. Returns the audit's metrics."""
-    from cifar_ray.registration import register_run
-    from cifar_ray.tracking import TrackingUnavailable
-
-    best = summary["best_checkpoint"]
-    try:
-        audit, summary["registry"] = register_run(cfg, run_id, best, holdout, info, summary["run_dir"],
-                                                  audit=(val, info.validation_split(), (summary["run_dir"], best)))
-        summary["calibration"] = audit["calibration"]
-    except TrackingUnavailable as e:
-        summary["registry"] = {"error": str(e)}
-        raise
-    finally:
-        write_summary(summary)
-    c = summary["calibration"]
-    print(f"calibration: temperature {c['temperature']} fitted on the validation split; ECE "
-          f"{c['ece_before']:.3f} -> {audit['ece']:.3f} (cross-fitted: {c['ece_cross_fitted']:.3f})", flush=True)
-    return audit
+        # The audit goes beside the run's curves and into the checkpoint, which carries it.
+        return finish_run(run, summary["best_checkpoint"], summary, (summary["run_dir"], summary["best_checkpoint"]))
 
 
 def fit_or_explain(trainer, cfg: Config):
@@ -120,7 +78,7 @@ def fit_or_explain(trainer, cfg: Config):
     import ray.train
 
     from cifar_ray.checkpoint import checkpoint_names
-    from cifar_ray.cli import TrainingFailed, find_user_error, first_line
+    from cifar_ray.errors import TrainingFailed, find_user_error, first_line
 
     try:
         return trainer.fit()
@@ -139,15 +97,17 @@ def fit_or_explain(trainer, cfg: Config):
 
 def make_trainer(cfg: Config, train, val, info: DataInfo, train_loop=None,
                  callbacks: tuple = (), start_from=None):
-    """The Ray Trainer for one training run; `run` and each Tune trial fit one. It is Ray's
-    TensorflowTrainer but for where its backend config comes from (tf_backend.py).
+    """The Ray Trainer for one training run; `run` and each Tune trial fit one: Ray's
+    TensorflowTrainer with the backend config of tf_backend.py.
 
     `start_from` (a Checkpoint) starts the run from another run's state, as a PBT trial does
     from the trial it copies; the run's own checkpoints, once it has some, take precedence.
     """
     import ray
     import ray.train
-    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+    # Ray's public TensorflowTrainer, from its own module: `ray.train.tensorflow`, where Ray's
+    # docs import it from, imports TensorFlow in the driver (tf_backend.py says why that costs).
+    from ray.train.v2.tensorflow.tensorflow_trainer import TensorflowTrainer
 
     from cifar_ray.augment import add_augmentation
     from cifar_ray.quiet import is_quiet
@@ -160,11 +120,11 @@ def make_trainer(cfg: Config, train, val, info: DataInfo, train_loop=None,
                          f"images{split}: an epoch would take no step; lower --batch-size or train on more images")
     cpus_per_worker, threads = plan_resources(cfg, ray.cluster_resources().get("CPU", 1))
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", CONTROLLER_POLL_S)  # read when fit starts
-    return DataParallelTrainer(
+    return TensorflowTrainer(
         train_loop or train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "data_info": asdict(info), "threads": threads,
                            "start_from": start_from},
-        backend_config=TensorflowConfig(),
+        tensorflow_config=TensorflowConfig(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers,
             use_gpu=cfg.scaling.use_gpu,

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import keras
 
-from cifar_ray.config import (CLASS_NAMES, IMAGE_SHAPE, PBT_MUTATIONS, TENSORBOARD_DIR, Config,
-                              training_steps_per_epoch)
-from cifar_ray.data import DataInfo
+from cifar_ray.config import CLASS_NAMES, IMAGE_SHAPE, PBT_MUTATIONS, TENSORBOARD_DIR, Config
+from cifar_ray.data import DataInfo, training_steps_per_epoch
 from cifar_ray.progress import format_duration
 
 

@@ -31,7 +31,6 @@ goes through the registry's promotion gate, as a train run's best checkpoint doe
 
 from __future__ import annotations
 
-import json
 import time
 from functools import partial
 from pathlib import Path
@@ -100,69 +99,57 @@ def trial_resources(cfg: Config, cluster_cpus: float) -> tuple[int, float]:
 def run(cfg: Config) -> dict:
     """Run (or resume) the experiment; return the best trial's summary."""
     import ray
-    import ray.data
     from ray import tune
 
     from cifar_ray import tracking
-    from cifar_ray.checkpoint import write_file
-    from cifar_ray.data import load_training_data
-    from cifar_ray.registration import register_run
-    from cifar_ray.run_folder import check_storage_writable, resolve_run
+    from cifar_ray.lifecycle import finish_run, tracked_run
+    from cifar_ray.run_folder import resolve_run
 
     cfg = resolve_run(cfg, kind="tune")
-    # Tune's trial table and each trial's epoch lines say more than a progress bar per dataset.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    experiment_dir = cfg.run_dir
-    check_storage_writable(cfg.run.storage_path)
-    uri = tracking.tracking_uri(cfg)
-    tracking.check_reachable(uri)
     concurrent, cpus_per_worker = trial_resources(cfg, ray.cluster_resources().get("CPU", 1))
     cfg = cfg.with_overrides({"cpus_per_worker": cpus_per_worker})
+    experiment_dir = cfg.run_dir
+    with tracked_run(cfg, "tune") as run:
+        trials_dir = f"{experiment_dir}/trials"
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, base=cfg.to_dict(), train=run.train, val=run.val, info=run.info,
+                                 trials_dir=trials_dir, tracking_uri=run.tracking_uri, parent_run_id=run.run_id),
+            {"CPU": 0.01},  # the trial's driver only waits; its Ray Train workers hold the CPUs
+        )
+        trial_runs = tracking.TrialRuns(run.tracking_uri, run.run_id,
+                                        partial(trial_run_config, base=cfg, trials_dir=trials_dir))
+        results = make_tuner(cfg, experiment_dir, trainable, concurrent, trial_runs).fit()
+        remove_tune_copies(results)
+        tracking.close_trial_runs(run.tracking_uri, run.run_id,
+                                  {r.metrics.get("trial_id"): r.error is not None for r in results if r.metrics})
+        best = write_experiment_outputs(cfg, experiment_dir, results)
+        # The winner carries its audit, as a train run's best checkpoint does; then the gate.
+        summary = {**{k: v for k, v in best.items() if k != "leaderboard"}, "run_dir": experiment_dir}
+        best["registry"] = finish_run(run, best["best_dir"], summary, (best["best_dir"],))["registry"]
+    return best
 
-    train, val, holdout, info = load_training_data(cfg.data, seed=cfg.train.seed)
-    print(f"data: {info.num_train} training / {info.num_val} validation images from {info.source}; "
-          f"{info.num_holdout} held out for the registry's evaluation set", flush=True)
-    run_id = tracking.start_run(uri, cfg, kind="tune")
-    print(f"tracking: MLflow run {run_id} in {uri} (one child run per trial)", flush=True)
-    trials_dir = f"{experiment_dir}/trials"
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=cfg.to_dict(), train=train, val=val, info=info,
-                             trials_dir=trials_dir, tracking_uri=uri, parent_run_id=run_id),
-        {"CPU": 0.01},  # the trial's driver only waits; its Ray Train workers hold the CPUs
-    )
-    trial_runs = tracking.TrialRuns(uri, run_id, partial(trial_run_config, base=cfg, trials_dir=trials_dir))
+
+def make_tuner(cfg: Config, experiment_dir: str, trainable, concurrent: int, trial_runs):
+    """The experiment's Tuner, or the one restored from `experiment_dir` on a rerun of its name."""
+    from ray import tune
+
     if tune.Tuner.can_restore(experiment_dir):
         print(f"resuming experiment {experiment_dir}", flush=True)
-        tuner = tune.Tuner.restore(experiment_dir, trainable=trainable, resume_errored=True)
-    else:
-        param_space, search_alg = make_search(cfg)
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(
-                num_samples=cfg.tune.num_samples,
-                max_concurrent_trials=concurrent,
-                search_alg=search_alg,
-                scheduler=make_scheduler(cfg, param_space),
-                metric=SCORE_METRIC,
-                mode="max",
-            ),
-            run_config=experiment_run_config(cfg, callbacks=[trial_runs]),
-        )
-    with tracking.run_status(uri, run_id):
-        tracking.log_data_info(uri, run_id, info)
-        results = tuner.fit()
-        remove_tune_copies(results)
-        tracking.close_trial_runs(uri, run_id, {r.metrics.get("trial_id"): r.error is not None for r in results
-                                                if r.metrics})
-        best = write_experiment_outputs(cfg, experiment_dir, results)
-        # The winner's audit (it carries it, as a train run's best checkpoint does), then the gate.
-        _, best["registry"] = register_run(cfg, run_id, best["best_dir"], holdout, info, experiment_dir,
-                                           audit=(val, info.validation_split(), (best["best_dir"],)))
-        summary = {k: v for k, v in best.items() if k != "leaderboard"}
-        write_file(experiment_dir, "summary.json", json.dumps(summary, indent=2).encode())
-        tracking.log_outputs(uri, run_id, experiment_dir)
-    return best
+        return tune.Tuner.restore(experiment_dir, trainable=trainable, resume_errored=True)
+    param_space, search_alg = make_search(cfg)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            num_samples=cfg.tune.num_samples,
+            max_concurrent_trials=concurrent,
+            search_alg=search_alg,
+            scheduler=make_scheduler(cfg, param_space),
+            metric=SCORE_METRIC,
+            mode="max",
+        ),
+        run_config=experiment_run_config(cfg, callbacks=[trial_runs]),
+    )
 
 
 def experiment_run_config(cfg: Config, callbacks: list):

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from cifar_ray.checkpoint import (METADATA_FILE, MODEL_FILE, CheckpointError, file_sha256, load_checkpoint,
-                                  read_metadata, write_file)
+from cifar_ray.checkpoint import (METADATA_FILE, MODEL_FILE, file_sha256, load_checkpoint,
+                                  read_metadata)
+from cifar_ray.errors import CheckpointError
+from cifar_ray.storage import write_file
 from conftest import alter_one_weight
 
 

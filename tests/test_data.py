@@ -9,7 +9,8 @@ from conftest import encode, make_images, unusual_images, write_image_folder, wr
 from cifar_ray.config import DataConfig
 from cifar_ray.augment import augment_batch, crop_flip, notebook_augment
 from cifar_ray.data import load_training_data, read_source
-from cifar_ray.images import DataSourceError, decode_batch, decode_image
+from cifar_ray.errors import DataSourceError
+from cifar_ray.images import decode_batch, decode_image
 
 
 @pytest.fixture
@@ -108,7 +109,7 @@ def test_bad_parquet_row_is_named_by_file_and_row(ray_cluster, tmp_path):
     root, path = corrupt_parquet(tmp_path)
     with pytest.raises(Exception) as caught:
         load_training_data(DataConfig(data=str(root), val_fraction=0.2), seed=0)
-    from cifar_ray.cli import find_user_error
+    from cifar_ray.errors import find_user_error
 
     message = str(find_user_error(caught.value))
     assert f"{path} row 4" in message or f"{path} row 9" in message, message

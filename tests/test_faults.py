@@ -126,7 +126,8 @@ def test_one_failure_more_than_allowed_fails_clearly_and_keeps_checkpoints(
 
 def test_driver_killed_then_rerun_resumes_optimizer_and_schedule(ray_cluster, subprocess_env, storage):
     from cifar_ray.cli import build_parser
-    from cifar_ray.config import Config, training_steps_per_epoch
+    from cifar_ray.config import Config
+    from cifar_ray.data import training_steps_per_epoch
     from cifar_ray.flags import config_from_args
     from cifar_ray.models import build_optimizer
     from cifar_ray.run_folder import resolve_run

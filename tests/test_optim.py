@@ -9,7 +9,8 @@ import pytest
 
 import keras
 
-from cifar_ray.config import PRESETS, training_steps_per_epoch, with_global_batch, with_recipe
+from cifar_ray.config import PRESETS, with_global_batch, with_recipe
+from cifar_ray.data import training_steps_per_epoch
 from cifar_ray.models import build_model, build_optimizer
 from cifar_ray.optim import CoupledSGD, Lookahead, Triangle
 

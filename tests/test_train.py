@@ -13,8 +13,8 @@ import pytest
 from conftest import full_disk_loop, make_images
 
 from cifar_ray.checkpoint import checkpoint_names, load_checkpoint, read_metadata
-from cifar_ray.cli import TrainingFailed
-from cifar_ray.registry import Registry
+from cifar_ray.errors import TrainingFailed
+from cifar_ray.model_registry import Registry
 from cifar_ray.tracking import tracking_uri
 from cifar_ray.data import load_training_data
 from cifar_ray.evaluate import collect_predictions, predict_dataset
@@ -294,7 +294,7 @@ def test_fit_takes_exactly_the_planned_steps_per_epoch(ray_cluster):
     import ray
     import tensorflow as tf
 
-    from cifar_ray.config import training_steps_per_epoch
+    from cifar_ray.data import training_steps_per_epoch
     from cifar_ray.train_loop import training_input
 
     images, labels = make_images(10)
@@ -315,7 +315,7 @@ def test_two_workers_step_and_set_the_lr_exactly_as_planned_and_as_one_worker_wo
     1-worker plan of the same run gives the same LR at every epoch end. (A real 1-worker
     run is held to the same plan in test_faults' driver test.)"""
     from cifar_ray.models import build_optimizer
-    from cifar_ray.config import training_steps_per_epoch
+    from cifar_ray.data import training_steps_per_epoch
 
     cfg, summary, _ = two_worker_run
     model, metadata = load_checkpoint(Path(summary["last_checkpoint"]))  # epoch 2

@@ -340,7 +340,7 @@ def test_best_loads_with_evaluate_and_reproduces_best_json(experiment):
 
 def test_experiment_and_trials_are_tracked_and_the_best_goes_through_the_gate(experiment):
     from cifar_ray import tracking
-    from cifar_ray.registry import Registry
+    from cifar_ray.model_registry import Registry
 
     cfg, best, _, _ = experiment
     uri = tracking.tracking_uri(cfg)
