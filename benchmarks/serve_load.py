@@ -40,7 +40,6 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -201,11 +200,12 @@ def deployment_options() -> dict:
 def deploy(checkpoint: str, options: dict, max_batch_size: int, app: str = "cifar", tta=None) -> None:
     from ray import serve
 
-    from cifar_ray.serve import Classifier, serve_config_from_args
+    from cifar_ray.serve import serve_config_from_args
+    from cifar_ray.serve_deployment import Classifier
 
     cfg, uri = serve_config_from_args({"checkpoint": checkpoint, "storage_path": str(ROOT / "runs")})
     user_config = {**options["user_config"], "max_batch_size": max_batch_size, "tta": tta}
-    serve.run(Classifier.options(**{**options, "user_config": user_config}).bind(asdict(cfg), uri),
+    serve.run(Classifier.options(**{**options, "user_config": user_config}).bind(cfg, uri),
               name=app, route_prefix="/")
 
 

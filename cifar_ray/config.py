@@ -143,6 +143,10 @@ class ServeConfig:
     batch_wait_timeout_s: float = _f(0.005, "longest wait for a batch to fill while other requests are in "
                                      "flight (seconds); a lone request never waits")
     max_body_bytes: int = _f(1_000_000, "largest request body accepted (larger: 413)")
+    body_timeout_s: float = _f(5.0, "a request body not all received in this many seconds gets 408 and its "
+                               "connection closed (slow clients)")
+    max_model_requests: int = _f(96, "requests per replica waiting for or in a model call; more get a fast 503 "
+                                 "with Retry-After: 1")
     top_k: int = _f(3, "class probabilities returned per image, unless ?top_k= says otherwise")
     tta: Optional[bool] = _f(None, "test-time augmentation, 6x the compute per image (default: the checkpoint's)")
 
@@ -287,12 +291,6 @@ def with_global_batch(cfg: Config) -> Config:
     lr = t.lr * batch / t.lr_batch_size if t.lr_batch_size else t.lr
     return cfg.with_overrides({"batch_size": batch, "per_worker_batch_size": None,
                                "lr": lr, "lr_batch_size": None})
-
-
-def training_steps_per_epoch(num_train: int, global_batch_size: int, num_workers: int) -> int:
-    """Optimizer steps in one epoch, for any worker count: Ray Train gives each worker an
-    equal share of the training split, and each step takes one full per-worker batch."""
-    return (num_train // num_workers) // (global_batch_size // num_workers)
 
 
 def with_recipe(cfg: Config, model: str) -> Config:

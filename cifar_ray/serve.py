@@ -1,4 +1,4 @@
-"""Online predictions: a Ray Serve deployment with a FastAPI ingress.
+"""Online predictions with Ray Serve: `serve run serve_config.yaml` or `cifar-ray serve`.
 
     serve run serve_config.yaml                         # the registry's champion, followed live
     CIFAR_RAY_CHECKPOINT=runs/NAME/epoch_0010 serve run serve_config.yaml   # a plain checkpoint
@@ -6,292 +6,93 @@
     curl -F file=@cat.png localhost:8000/predict
 
 By default replicas serve `models:/cifar10-classifier@champion` from the MLflow registry
-(registry.py) and switch to a new champion by themselves, within --poll-interval-s, with no
-redeploy and no failed request (live_model.py). Every answer names its `model_version`.
-
-Endpoints (OpenAPI docs at /docs):
-    GET  /               a page to try the model: drop an image, see the top classes
-    POST /predict        an image: multipart upload (field `file`) or raw bytes (image/*)
-    POST /predict/json   {"image": HxWx3 nested lists of 0-255} or {"images": [...]}
-    GET  /healthz        200 once a model is loaded and warmed up, else 503 and why
-    GET  /metadata       class names, model, training metrics, data source, model card
-    GET  /model-card     the served model's MODEL_CARD.md
-
-With CIFAR_RAY_API_TOKEN set on the nodes, /predict, /predict/json, /metadata and
-/model-card answer 401 unless the request carries `Authorization: Bearer <token>`; the page
-and /healthz (for probes) stay open.
-
-Concurrent requests share one model call through `@serve.batch`; `user_config` in
-serve_config.yaml sets the batch size and wait live (`reconfigure`). Decoding and model
-calls run on compute threads, off the replica's event loop. Bad input gets a 4xx JSON error
-and never takes the replica down (serve_input.py). Prometheus metrics: serve_metrics.py.
+(model_registry.py) and switch to a new champion by themselves, within --poll-interval-s,
+with no redeploy and no failed request (live_model.py). The deployment, its endpoints and
+their batching: serve_deployment.py.
 """
 
+from __future__ import annotations
 
-import asyncio
-import hmac
 import logging
 import os
-import re
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
-from typing import Any
+from dataclasses import replace
 
-import numpy as np
-from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, PlainTextResponse
 from ray import serve
 
-from cifar_ray.config import ServeConfig
+from cifar_ray.config import Config, ServeConfig
 from cifar_ray.flags import config_from_args
-from cifar_ray.live_model import REGISTRY_URI, LiveModel
-from cifar_ray.serve_input import decode_upload, parse_json_images, read_body, read_image_bytes
-from cifar_ray.serve_metrics import CountAnswers, ServeMetrics
+from cifar_ray.live_model import REGISTRY_URI
+from cifar_ray.serve_deployment import Classifier
+from cifar_ray.storage import absolute
 
 logger = logging.getLogger("ray.serve")
 CHECKPOINT_ENV = "CIFAR_RAY_CHECKPOINT"
-# Set on every node (a Kubernetes Secret in cluster/kuberay/rayservice.yaml) to require
-# `Authorization: Bearer <token>` on the prediction and metadata routes; /healthz stays open.
-TOKEN_ENV = "CIFAR_RAY_API_TOKEN"
-COMPUTE_THREADS = 2  # batches in flight per replica: one computing while the next one forms
 # Ray Serve's HAProxy ingress: HAProxy hands each HTTP request straight to the replica's own
 # HTTP server, where Ray's default Python proxy actor relays it, body included, through
 # actor calls. 3x the requests/s on 2 cores (benchmarks/README.md). Ray reads these when it
 # starts: set them for `ray start` or `serve run`; `python -m cifar_ray.serve` sets them.
 FAST_INGRESS_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
 
-PAGE_HTML = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")  # GET /
-# A file path or a URI in an error message: "/a/b/model.keras", "sqlite:////a/mlflow.db",
-# "s3://b/runs/x" (not "models:/name@alias", which names a registry version).
-PATH_OR_URI = re.compile(r"(?:\b[a-z][a-z0-9+.-]*://|(?<![\w.:])/)[^\s'\",:;()]*")
-
-
-def without_paths(message: str) -> str:
-    """An error as an HTTP body gives it: each path or URI cut to its last part. Clients
-    learn what failed, not where the cluster keeps its files; the replica's log has it all."""
-    return PATH_OR_URI.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1], message)
-
-api = FastAPI(title="cifar-ray", description="CIFAR-10 image classification")
-
-
-@dataclass
-class Pending:
-    """One request's images on their way into a batch, and when they joined the queue."""
-
-    images: np.ndarray
-    queued_at: float
-
-
-api.add_middleware(CountAnswers)
-
-
-@serve.deployment(name="Classifier")
-@serve.ingress(api)
-class Classifier:
-    def __init__(self, cfg: dict, tracking_uri: str | None = None):
-        self.cfg = ServeConfig(**cfg)
-        self.token = os.environ.get(TOKEN_ENV) or None
-        self.metrics = api.state.metrics = ServeMetrics()
-        # Decoding and model calls run on these threads, never on the replica's event loop:
-        # while one batch computes, the loop keeps reading requests and forming the next.
-        self.compute = ThreadPoolExecutor(max_workers=COMPUTE_THREADS, thread_name_prefix="compute")
-        self.batch_wait_s, self.in_flight, self.tta = self.cfg.batch_wait_timeout_s, 0, self.cfg.tta
-        # A model that cannot be loaded keeps the replica up, saying why on /healthz: a
-        # replica that raised here would be restarted forever, the reason lost in the logs.
-        self.live = LiveModel(self.cfg.checkpoint, tracking_uri)
-        self.live.refresh()
-        self.stop = threading.Event()
-        if self.live.follows_registry:
-            threading.Thread(target=self._follow_registry, name="follow-registry", daemon=True).start()
-
-    def _follow_registry(self) -> None:
-        """Swap in the version the alias points to, whenever it moves (live_model.py)."""
-        while not self.stop.wait(self.cfg.poll_interval_s):
-            try:
-                self.live.refresh()
-            except Exception:  # never let the follower die: the next poll tries again
-                logger.exception("following the registry")
-
-    def __del__(self):
-        self.stop.set()
-
-    def reconfigure(self, user_config: dict) -> None:
-        """Batching knobs and TTA from serve_config.yaml's user_config, applied without a restart."""
-        if "max_batch_size" in user_config:
-            self.predict_batch.set_max_batch_size(int(user_config["max_batch_size"]))
-        if "batch_wait_timeout_s" in user_config:
-            self.batch_wait_s = float(user_config["batch_wait_timeout_s"])
-        self.tta = user_config.get("tta", self.tta)  # None: as the served checkpoint says
-
-    async def _classify(self, images: np.ndarray, queued_at: float) -> tuple:
-        """(probabilities, model) for `images`, through the batcher.
-
-        The batcher waits up to batch_wait_s for a batch to fill only while other requests
-        are in flight: a lone client never waits, a busy replica still batches.
-        """
-        self.predict_batch.set_batch_wait_timeout_s(self.batch_wait_s if self.in_flight else 0.0)
-        self.in_flight += 1
-        try:
-            return await self.predict_batch(Pending(images, queued_at))
-        finally:
-            self.in_flight -= 1
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0, max_concurrent_batches=COMPUTE_THREADS)
-    async def predict_batch(self, requests: list[Pending]) -> list[tuple]:
-        """One model call for all images of all concurrent requests; each request gets its
-        probabilities and the model that computed them (a swap may land between batches)."""
-        model = self.live.current
-        started = time.perf_counter()
-        for r in requests:
-            self.metrics.observe("queue", r.queued_at)
-        images = np.concatenate([r.images for r in requests])
-        probabilities = await self._off_loop(model.predict, images, self.tta)
-        self.metrics.observe("model", started)
-        self.metrics.batch_images.observe(len(images))
-        self.metrics.serving(model.version, model.metadata["model"])
-        counts = np.cumsum([len(r.images) for r in requests])[:-1]
-        return [(p, model) for p in np.split(probabilities, counts)]
-
-    # --- HTTP endpoints -----------------------------------------------------------------
-
-    @api.post("/predict")
-    async def predict(self, request: Request, top_k: int | None = Query(None, ge=1, le=10)) -> dict:
-        """Classify one image, uploaded as multipart form field `file` or as raw bytes."""
-        self._require_token(request)
-        self._require_ready()
-        start = time.perf_counter()
-        data = await read_image_bytes(request, self.cfg.max_body_bytes)
-        start = self.metrics.observe("read", start)
-        image = await self._off_loop(decode_upload, data)
-        queued_at = self.metrics.observe("decode", start)
-        return self._answer(*await self._classify(image[None], queued_at), top_k)[0]
-
-    @api.post("/predict/json")
-    async def predict_json(self, request: Request, top_k: int | None = Query(None, ge=1, le=10)) -> Any:
-        """Classify `{"image": HxWx3 lists}` (one answer) or `{"images": [...]}` (a list)."""
-        self._require_token(request)
-        self._require_ready()
-        start = time.perf_counter()
-        body = await read_body(request, self.cfg.max_body_bytes)
-        start = self.metrics.observe("read", start)
-        images, single = await self._off_loop(parse_json_images, body)
-        queued_at = self.metrics.observe("decode", start)
-        answers = self._answer(*await self._classify(images, queued_at), top_k)
-        return answers[0] if single else answers
-
-    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page(self) -> str:
-        """A page to try the model in a browser; it calls /predict like any other client."""
-        return PAGE_HTML
-
-    @api.get("/model-card", response_class=PlainTextResponse)
-    async def model_card(self, request: Request) -> str:
-        """The served model's MODEL_CARD.md (Markdown): data, metrics per class, limits."""
-        self._require_token(request)
-        self._require_ready()
-        if not self.live.current.model_card:
-            raise HTTPException(404, "this model's checkpoint carries no MODEL_CARD.md")
-        return self.live.current.model_card
-
-    @api.get("/healthz")
-    async def healthz(self) -> dict:
-        """200 while a model serves (with `warning` when a newer version failed to load)."""
-        self._require_ready()
-        model = self.live.current
-        self.metrics.serving(model.version, model.metadata["model"])
-        health = {"status": "ok", "model": model.metadata["model"], "model_version": model.version,
-                  "source": without_paths(self.cfg.checkpoint)}
-        return {**health, "warning": without_paths(self.live.error)} if self.live.error else health
-
-    @api.get("/metadata")
-    async def get_metadata(self, request: Request) -> dict:
-        self._require_token(request)
-        self._require_ready()
-        model = self.live.current
-        m = model.metadata
-        return {"model": m["model"], "model_version": model.version, "source": self.cfg.checkpoint,
-                "registry_error": without_paths(self.live.error) or None, "class_names": m["class_names"],
-                "input_shape": m["input_shape"], "epoch": m["epoch"], "training_metrics": m["metrics"],
-                "data": m["data"], "config": m["config"], "versions": m["versions"], "evaluation": model.audit}
-
-    # --- helpers ------------------------------------------------------------------------
-
-    def _require_token(self, request: Request) -> None:
-        """401, before anything is read or computed, unless the request carries the API token
-        (when one is set). Compared in constant time."""
-        if self.token is None:
-            return
-        given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, f"Bearer {self.token}".encode()):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-
-    def _require_ready(self) -> None:
-        if self.live.current is None:
-            raise HTTPException(503, without_paths(self.live.error) or "loading")
-
-    async def _off_loop(self, function, *args):
-        """Run `function(*args)` on the compute threads, so the event loop stays free."""
-        return await asyncio.get_running_loop().run_in_executor(self.compute, function, *args)
-
-    def _answer(self, probabilities: np.ndarray, model, top_k: int | None) -> list[dict]:
-        names = model.metadata["class_names"]
-        k = top_k or self.cfg.top_k
-        answers = []
-        for p in probabilities:
-            ranked = np.argsort(-p)[:k]
-            answers.append({
-                "class_name": names[int(ranked[0])], "class_index": int(ranked[0]),
-                "top_k": [{"class_name": names[int(i)], "probability": float(p[i])} for i in ranked],
-                "model": model.metadata["model"], "model_version": model.version,
-            })
-        self.metrics.predicted([a["class_name"] for a in answers], model.version)
-        return answers
-
 
 def serve_config_from_args(args: dict) -> tuple[ServeConfig, str | None]:
-    """(ServeConfig, MLflow tracking URI) from `args`: config field names, as in serve_config.yaml.
+    """serving_config from serve_config.yaml's `args`: config field names and values."""
+    return serving_config(Config().with_overrides(args))
+
+
+def serving_config(cfg: Config) -> tuple[ServeConfig, str | None]:
+    """(ServeConfig, MLflow tracking URI) to serve with.
 
     CIFAR_RAY_CHECKPOINT overrides the checkpoint. Relative paths are made absolute here,
     where `serve run` was started; the tracking URI is only needed for a models:/ source.
     """
-    from cifar_ray.config import Config
     from cifar_ray.tracking import tracking_uri
 
-    cfg = Config().with_overrides(args)
     checkpoint = os.environ.get(CHECKPOINT_ENV) or cfg.serve.checkpoint
     from_registry = bool(REGISTRY_URI.match(checkpoint))
-    if not from_registry and "://" not in checkpoint:
-        checkpoint = os.path.abspath(checkpoint)
+    checkpoint = checkpoint if from_registry else absolute(checkpoint)
     return replace(cfg.serve, checkpoint=checkpoint), tracking_uri(cfg) if from_registry else None
 
 
 def app(args: dict) -> serve.Application:
-    """The application builder that `serve run serve_config.yaml` imports."""
-    cfg, uri = serve_config_from_args(args)
+    """The application builder that `serve run serve_config.yaml` imports. An HAProxy that an
+    earlier Serve left on this machine fails it here, in one line naming the process."""
+    from cifar_ray.ingress import check_no_stale_haproxy
+
+    check_no_stale_haproxy()
+    return application(*serve_config_from_args(args))
+
+
+def application(cfg: ServeConfig, tracking_uri: str | None) -> serve.Application:
     if any(os.environ.get(k) != v for k, v in FAST_INGRESS_ENV.items()):
         logger.warning("serving through Ray's Python proxy; for 3x the requests/s start Ray with "
                        + " ".join(f"{k}={v}" for k, v in FAST_INGRESS_ENV.items()))
     return Classifier.options(user_config={"max_batch_size": cfg.max_batch_size,
                                            "batch_wait_timeout_s": cfg.batch_wait_timeout_s, "tta": cfg.tta}
-                              ).bind(asdict(cfg), uri)
+                              ).bind(cfg, tracking_uri)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    """`cifar-ray serve`: like `serve run serve_config.yaml`, and when stopped (Ctrl-C,
+    SIGTERM, SIGHUP) it leaves nothing listening on the port (ingress.py)."""
+    from cifar_ray import ingress
     from cifar_ray.cli import init_ray, parse_args, run_cli
 
     args = parse_args("serve", argv, prog)
 
     def run() -> None:
-        cfg = config_from_args(args)
+        cfg, uri = serving_config(config_from_args(args))
+        ingress.check_port_free(args.port)
         if args.ingress == "haproxy":
+            ingress.raise_open_file_limit()
             os.environ.update(FAST_INGRESS_ENV)
         init_ray()
-        serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(app({**asdict(cfg.serve), "tracking_uri": cfg.registry.tracking_uri,
-                       "storage_path": cfg.run.storage_path}), blocking=True)
+        with ingress.stopped_cleanly(args.port):
+            serve.start(http_options={"host": args.host, "port": args.port})
+            serve.run(application(cfg, uri), blocking=False)
+            print(f"serving on http://{args.host}:{args.port} (Ctrl-C or SIGTERM stops it)", flush=True)
+            while True:  # short naps: a signal that lands on one of Ray's threads is handled within one
+                time.sleep(0.5)
 
     run_cli(run)
 

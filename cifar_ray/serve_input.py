@@ -7,6 +7,7 @@ await the body); the parsing ones are plain functions that serve.py runs on its 
 threads.
 """
 
+import asyncio
 import json
 from typing import Any
 
@@ -17,6 +18,7 @@ from starlette.requests import Request
 from cifar_ray.config import IMAGE_SHAPE
 
 IMAGE_TYPES = ("image/", "application/octet-stream")
+CLOSE = {"Connection": "close"}  # the answer ends the connection
 
 
 def reject_constant(name: str) -> None:
@@ -54,7 +56,8 @@ def parse_json_images(body: bytes) -> tuple[np.ndarray, bool]:
 
 
 def decode_upload(data: bytes) -> np.ndarray:
-    from cifar_ray.images import DataSourceError, decode_image
+    from cifar_ray.errors import DataSourceError
+    from cifar_ray.images import decode_image
 
     try:
         return decode_image(data, resize=True)
@@ -62,33 +65,39 @@ def decode_upload(data: bytes) -> np.ndarray:
         raise HTTPException(400, str(e)) from None
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as it passes `limit` bytes (declared or sent)."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The whole body, refused with 413 as soon as it passes `limit` bytes (declared or sent),
+    and with 408 unless it has all come within `timeout_s`. Both close the connection: else the
+    server would go on reading what the client still sends (a slow client, byte by byte)."""
     if int(request.headers.get("content-length") or 0) > limit:
-        raise HTTPException(413, f"body over the {limit}-byte limit")
+        raise HTTPException(413, f"body over the {limit}-byte limit", headers=CLOSE)
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise HTTPException(413, f"body over the {limit}-byte limit")
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise HTTPException(413, f"body over the {limit}-byte limit", headers=CLOSE)
+    except TimeoutError:
+        raise HTTPException(408, f"request body not received within {timeout_s:g} s", headers=CLOSE) from None
     if not body:
         raise HTTPException(400, "empty body")
     return bytes(body)
 
 
-async def read_image_bytes(request: Request, limit: int) -> bytes:
+async def read_image_bytes(request: Request, limit: int, timeout_s: float) -> bytes:
     """The image file of a multipart upload (field `file`) or of a raw image/* body."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
-        return await read_upload(request, limit)
+        return await read_upload(request, limit, timeout_s)
     if content_type.startswith(IMAGE_TYPES):
-        return await read_body(request, limit)
+        return await read_body(request, limit, timeout_s)
     raise HTTPException(415, f"unsupported content type {content_type or '(none)'!r}; send "
                         "multipart/form-data, image/* or use /predict/json")
 
 
-async def read_upload(request: Request, limit: int) -> bytes:
-    body = await read_body(request, limit)  # enforces the size limit before parsing
+async def read_upload(request: Request, limit: int, timeout_s: float) -> bytes:
+    body = await read_body(request, limit, timeout_s)  # enforces the size limit before parsing
 
     async def receive():
         return {"type": "http.request", "body": body, "more_body": False}

@@ -111,7 +111,7 @@ def test_rayservice_serves_the_same_application_as_serve_config():
     assert cluster["proxy_location"] == local["proxy_location"]
     assert cluster["http_options"]["host"] == "0.0.0.0" and local["http_options"]["host"] == "127.0.0.1"
     assert cluster["http_options"]["request_timeout_s"] == local["http_options"]["request_timeout_s"]
-    from cifar_ray.serve import TOKEN_ENV
+    from cifar_ray.serve_deployment import TOKEN_ENV
 
     token = {"name": TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": "cifar-ray-api-token", "key": "token",
                                                                 "optional": True}}}

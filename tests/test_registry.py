@@ -13,8 +13,9 @@ import pytest
 import requests
 
 from cifar_ray.config import CLASS_NAMES, Config, RegistryConfig
+from cifar_ray.errors import RegistryError
 from cifar_ray.gate import Decision, Scores, decide, judge
-from cifar_ray.registry import Registry, RegistryError, promote, rollback
+from cifar_ray.model_registry import Registry, promote, rollback
 from conftest import alter_one_weight, make_images
 
 GATE = RegistryConfig(min_improvement=0.01, max_class_drop=0.05)
@@ -242,11 +243,11 @@ def wait_for(predicate, timeout: float, every: float = 0.5):
 
 
 def test_serve_follows_the_champion_through_promote_rollback_and_a_broken_version(lifecycle, tmp_path, capsys):
-    from dataclasses import asdict
 
     from ray import serve
 
-    from cifar_ray.serve import Classifier, serve_config_from_args
+    from cifar_ray.serve import serve_config_from_args
+    from cifar_ray.serve_deployment import Classifier
     from cifar_ray.tracking import tracking_uri
     from test_serve import free_port
 
@@ -256,7 +257,7 @@ def test_serve_follows_the_champion_through_promote_rollback_and_a_broken_versio
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve_cfg, resolved_uri = serve_config_from_args({"storage_path": cfg.run.storage_path, "poll_interval_s": 0.5})
     assert serve_cfg.checkpoint == "models:/cifar10-classifier@champion" and resolved_uri == uri
-    serve.run(Classifier.options(ray_actor_options={"num_cpus": 0}).bind(asdict(serve_cfg), resolved_uri),
+    serve.run(Classifier.options(ray_actor_options={"num_cpus": 0}).bind(serve_cfg, resolved_uri),
               name="cifar-registry", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     image = {"image": make_images(1, seed=9)[0][0].tolist()}
@@ -333,8 +334,8 @@ def test_an_unreachable_registry_at_the_end_of_training_keeps_the_work_and_says_
     import ray.data
 
     from cifar_ray.data import DataInfo
-    from cifar_ray.tracking import TrackingUnavailable
-    from cifar_ray.train import audit_and_register_best
+    from cifar_ray.errors import TrackingUnavailable
+    from cifar_ray.lifecycle import Run, finish_run
 
     cfg = Config().with_overrides({"name": "offline", "tracking_uri": "http://127.0.0.1:9"})
     info = DataInfo(source="synthetic", num_train=1, num_val=8, mean=(0.5,) * 3, std=(0.2,) * 3)
@@ -342,9 +343,10 @@ def test_an_unreachable_registry_at_the_end_of_training_keeps_the_work_and_says_
     shutil.copytree(two_worker_run[1]["best_checkpoint"], checkpoint)
     images, labels = make_images(8, seed=3)
     val = ray.data.from_items([{"image": x, "label": int(y)} for x, y in zip(images, labels)])
-    summary = {"run_dir": str(tmp_path / "offline"), "best_checkpoint": str(checkpoint)}
+    summary = {"run_dir": str(tmp_path / "offline"), "best_checkpoint": str(checkpoint), "best_epoch": 1}
+    run = Run(cfg, "http://127.0.0.1:9", "run-id", None, val, None, info)
     with pytest.raises(TrackingUnavailable) as error:
-        audit_and_register_best(cfg, "run-id", summary, val, None, info)
+        finish_run(run, str(checkpoint), summary, (summary["run_dir"], str(checkpoint)))
     message = str(error.value)
     assert f"checkpoints are kept in {tmp_path / 'offline'}" in message
     assert f"python -m cifar_ray.registry register {checkpoint} --tracking-uri http://127.0.0.1:9" in message

@@ -19,10 +19,18 @@ from cifar_ray.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUEST_TIMEOUT_S = 4
-# the load generator of benchmarks/serve_load.py, shared by the shortened CI test below
-_spec = importlib.util.spec_from_file_location("serve_load", ROOT / "benchmarks" / "serve_load.py")
-serve_load = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(serve_load)
+BODY_TIMEOUT_S = 2
+
+
+def benchmark(name: str):
+    """A module of benchmarks/: the shortened CI tests below share its load generator."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+serve_load, slow_clients = benchmark("serve_load"), benchmark("slow_clients")
 
 
 def free_port() -> int:
@@ -41,7 +49,8 @@ def endpoint(two_worker_run):
     _, summary, _ = two_worker_run
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": REQUEST_TIMEOUT_S})
-    serve.run(app({"checkpoint": summary["best_checkpoint"], "max_body_bytes": 200_000}),
+    serve.run(app({"checkpoint": summary["best_checkpoint"], "max_body_bytes": 200_000,
+                   "body_timeout_s": BODY_TIMEOUT_S}),
               name="cifar-test", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     requests.get(f"{url}/healthz", timeout=30).raise_for_status()
@@ -300,7 +309,7 @@ def test_checkpoint_env_var_overrides_args(monkeypatch, tmp_path):
 
 
 def test_error_bodies_name_what_failed_not_where_files_are():
-    from cifar_ray.serve import without_paths
+    from cifar_ray.serve_deployment import without_paths
 
     assert (without_paths("cannot load checkpoint /data/runs/x/best: /data/runs/x/best/model.keras: cannot be loaded")
             == "cannot load checkpoint best: model.keras: cannot be loaded")
@@ -314,11 +323,11 @@ def test_error_bodies_name_what_failed_not_where_files_are():
 def test_damaged_checkpoint_keeps_healthz_unready_and_says_why(endpoint, tmp_path):
     """A replica whose checkpoint will not load stays up, answers 503 with the reason on
     /healthz and /predict, and is not restarted in a loop."""
-    from dataclasses import asdict
 
     from ray import serve
 
-    from cifar_ray.serve import Classifier, serve_config_from_args
+    from cifar_ray.serve import serve_config_from_args
+    from cifar_ray.serve_deployment import Classifier
 
     url, checkpoint = endpoint
     broken = tmp_path / "broken"
@@ -326,7 +335,7 @@ def test_damaged_checkpoint_keeps_healthz_unready_and_says_why(endpoint, tmp_pat
     model_file = broken / "model.keras"
     model_file.write_bytes(model_file.read_bytes()[:1000])
     cfg, _ = serve_config_from_args({"checkpoint": str(broken)})
-    serve.run(Classifier.options(ray_actor_options={"num_cpus": 0}).bind(asdict(cfg)),
+    serve.run(Classifier.options(ray_actor_options={"num_cpus": 0}).bind(cfg),
               name="cifar-broken", route_prefix="/broken")
     try:
         health = requests.get(f"{url}/broken/healthz", timeout=30)
@@ -348,16 +357,16 @@ def test_killed_replica_under_load_loses_at_most_one_percent(endpoint, ray_clust
     """Two replicas under 16 concurrent clients; one is SIGKILLed. At most 1% of requests
     fail, Serve replaces the replica, and a later burst succeeds in full."""
     import asyncio
-    from dataclasses import asdict
 
     from ray import serve
 
-    from cifar_ray.serve import Classifier, serve_config_from_args
+    from cifar_ray.serve import serve_config_from_args
+    from cifar_ray.serve_deployment import Classifier
 
     url, checkpoint = endpoint
     cfg, _ = serve_config_from_args({"checkpoint": checkpoint})
     serve.run(Classifier.options(num_replicas=2, max_ongoing_requests=32, ray_actor_options={"num_cpus": 0})
-              .bind(asdict(cfg)), name="cifar-kill", route_prefix="/kill")
+              .bind(cfg), name="cifar-kill", route_prefix="/kill")
     try:
         body = encode(make_images(1)[0][0], "JPEG")
         asyncio.run(serve_load.load(f"{url}/kill/predict", body, 4, 1.0))  # warm-up
@@ -374,24 +383,24 @@ def test_killed_replica_under_load_loses_at_most_one_percent(endpoint, ray_clust
 
 
 def test_overload_gets_a_fast_503_with_retry_after_and_the_rest_their_answer(endpoint):
-    """Past max_ongoing_requests + max_queued_requests, Serve answers 503 with Retry-After at
+    """Past max_model_requests waiting for the model, a replica answers 503 with Retry-After at
     once; nothing else fails, and the replica serves normally afterwards."""
     import asyncio
-    from dataclasses import asdict
+    from dataclasses import replace
 
     from ray import serve
 
-    from cifar_ray.serve import Classifier, serve_config_from_args
+    from cifar_ray.serve import serve_config_from_args
+    from cifar_ray.serve_deployment import Classifier
 
     url, checkpoint = endpoint
     cfg, _ = serve_config_from_args({"checkpoint": checkpoint})
-    serve.run(Classifier.options(max_ongoing_requests=1, max_queued_requests=1, ray_actor_options={"num_cpus": 0},
-                                 backpressure_config={"status_code": 503, "retry_after_s": 2})
-              .bind(asdict(cfg)), name="cifar-overload", route_prefix="/overload")
+    serve.run(Classifier.options(ray_actor_options={"num_cpus": 0}).bind(replace(cfg, max_model_requests=2)),
+              name="cifar-overload", route_prefix="/overload")
     try:
         body = encode(make_images(1)[0][0], "JPEG")
         result = asyncio.run(serve_load.load(f"{url}/overload/predict", body, 32, 1.5))
-        assert result["rejected"] > 0 and result["retry_after"] == ["2"], result["retry_after"]
+        assert result["rejected"] > 0 and result["retry_after"] == ["1"], result["retry_after"]
         assert result["errors"] == result["rejected"]  # nothing failed but the 503s
         assert result["requests"] > result["rejected"]  # and the rest were answered
         ok = requests.post(f"{url}/overload/predict", data=body, headers={"content-type": "image/jpeg"}, timeout=30)
@@ -403,17 +412,17 @@ def test_overload_gets_a_fast_503_with_retry_after_and_the_rest_their_answer(end
 def test_with_an_api_token_only_requests_that_carry_it_are_answered(endpoint):
     """CIFAR_RAY_API_TOKEN on the replica: no or a wrong bearer token is a 401 before the
     body is even read (an unsupported type is 401, not 415); /healthz and the page stay open."""
-    from dataclasses import asdict
 
     from ray import serve
 
-    from cifar_ray.serve import TOKEN_ENV, Classifier, serve_config_from_args
+    from cifar_ray.serve import serve_config_from_args
+    from cifar_ray.serve_deployment import TOKEN_ENV, Classifier
 
     url, checkpoint = endpoint
     cfg, _ = serve_config_from_args({"checkpoint": checkpoint})
     serve.run(Classifier.options(ray_actor_options={"num_cpus": 0,
                                                     "runtime_env": {"env_vars": {TOKEN_ENV: "s3cret-token"}}})
-              .bind(asdict(cfg)), name="cifar-auth", route_prefix="/auth")
+              .bind(cfg), name="cifar-auth", route_prefix="/auth")
     try:
         body = encode(make_images(1)[0][0], "JPEG")
 
@@ -437,30 +446,46 @@ def test_with_an_api_token_only_requests_that_carry_it_are_answered(endpoint):
         serve.delete("cifar-auth")
 
 
-def test_a_client_that_trickles_its_body_is_cut_off_at_the_request_timeout(endpoint):
-    """A client declaring 100 kB and sending a byte every 0.2 s gets a 408 after
-    request_timeout_s, not a request held open for as long as it likes."""
+def test_a_client_that_trickles_its_body_gets_a_408_and_its_connection_closed(endpoint):
+    """A client declaring 100 kB and sending a byte every 0.2 s gets a 408 after body_timeout_s,
+    and the server closes the connection: it is not left reading the trickle."""
     import time
 
     url, _ = endpoint
     host, port = url.removeprefix("http://").split(":")
     started = time.monotonic()
-    answer = b""
+    answer, closed = b"", False
     with socket.create_connection((host, int(port)), timeout=0.2) as s:
         s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
                   b"Content-Length: 100000\r\n\r\n")
-        while b"\r\n" not in answer and time.monotonic() - started < REQUEST_TIMEOUT_S + 20:
+        while not closed and time.monotonic() - started < BODY_TIMEOUT_S + 20:
             try:
                 s.sendall(b"x")
-                answer += s.recv(1000)
+                data = s.recv(1000)
+                answer += data
+                closed = not data
             except socket.timeout:
                 continue
             except OSError:
-                break
+                closed = True
     elapsed = time.monotonic() - started
     assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
-    assert REQUEST_TIMEOUT_S - 1 < elapsed < REQUEST_TIMEOUT_S + 10
+    assert closed and BODY_TIMEOUT_S - 1 < elapsed < BODY_TIMEOUT_S + 10, (closed, elapsed)
     assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
+
+
+def test_slow_clients_cost_normal_requests_nothing_and_are_closed(endpoint):
+    """benchmarks/slow_clients.py, shortened: 200 connections trickling their bodies, and
+    normal requests meanwhile. None fails, p99 under 1 s, and the server closes at least 90%
+    of the slow connections within a minute (here: body_timeout_s)."""
+    import asyncio
+
+    url, _ = endpoint
+    host, port = url.removeprefix("http://").split(":")
+    result = asyncio.run(slow_clients.run(host, int(port), slow=200, rate=4, duration=8, watch_s=20))
+    assert result["normal_requests"] >= 30 and result["normal_failed"] == 0, result
+    assert result["normal_p99_s"] < 1.0, result
+    assert result["slow_closed_within_60s"] >= 0.9 and result["slow_answers"].get("408", 0) >= 180, result
 
 
 def metric_lines(timeout_s: float, done) -> list[str]:
