@@ -12,10 +12,11 @@ from cifar_ray.search import SEARCHED, trial_config
 from cifar_ray.run_folder import SCORE_METRIC
 
 
-def leaderboard_rows(cfg: Config, results) -> list[dict]:
+def leaderboard_rows(cfg: Config, results, trials_dir: str | None = None) -> list[dict]:
     """One row per trial: the fields it trained with, best val accuracy, epochs, early stop,
     and its overhead (the trial's time less its epochs'); best first, then the trials that
-    failed before their first epoch, with their error."""
+    failed before their first epoch, with their error. The epochs are read from each trial's
+    latest checkpoint under `trials_dir` where it has one (trained_history says why)."""
     rows, failed = [], []
     for result in results:
         history = result.metrics_dataframe
@@ -23,22 +24,51 @@ def leaderboard_rows(cfg: Config, results) -> list[dict]:
         if history is None or SCORE_METRIC not in history:
             failed.append(failed_trial_row(result, trained))
             continue
-        best = history.loc[history[SCORE_METRIC].idxmax()]
-        epochs_run = int(history["epoch"].max())
+        on_disk = trained_history(f"{trials_dir}/{result.metrics['trial_id']}") if trials_dir else None
+        if on_disk:
+            scores, run_folder = [m[SCORE_METRIC] for m in on_disk[0]], on_disk[1]
+        else:
+            scores = [float(v) for v in history[SCORE_METRIC]]
+            # the Ray Train run that saved the best epoch: the trial's folder, or under PBT one part of it
+            run_folder = history.loc[history[SCORE_METRIC].idxmax(), "checkpoint_path"].rsplit("/", 1)[0]
+        best_epoch = max(range(len(scores)), key=scores.__getitem__) + 1
         rows.append({
             "trial": result.metrics["trial_id"],
             **{k: trained[k] for k in SEARCHED},
-            "best_val_accuracy": round(float(best[SCORE_METRIC]), 4),
-            "best_epoch": int(best["epoch"]),
-            "epochs_run": epochs_run,
+            "best_val_accuracy": round(max(scores), 4),
+            "best_epoch": best_epoch,
+            "epochs_run": len(scores),
             "overhead_s": round(float(history["time_total_s"].iloc[-1] - history["epoch_time_s"].sum()), 1),
-            "stopped_early": result.error is None and epochs_run < trained["epochs"],
+            "stopped_early": result.error is None and len(scores) < trained["epochs"],
             "status": trial_status(result),
-            "val_accuracy_by_epoch": [round(float(v), 4) for v in history[SCORE_METRIC]],
-            # the Ray Train run that saved the best epoch: the trial's folder, or under PBT one part of it
-            "run_folder": best["checkpoint_path"].rsplit("/", 1)[0],
+            "val_accuracy_by_epoch": [round(v, 4) for v in scores],
+            "run_folder": run_folder,
         })
     return sorted(rows, key=lambda r: -r["best_val_accuracy"]) + failed
+
+
+def trained_history(trial_dir: str) -> tuple[list[dict], str] | None:
+    """(every epoch's metrics, the run folder holding it) from a trial's latest checkpoint,
+    in its folder or, under PBT, its latest part; None where it has none.
+
+    Tune's own record of a trial is not the truth here: under PBT, Tune drops what a trial
+    reports after Tune decided to pause it, and the result log of a trial it restores starts
+    again. Seen: a trial that trained 4 epochs had a log of epoch 3 alone, and the
+    leaderboard said it stopped early after 3.
+    """
+    from cifar_ray.checkpoint import METADATA_FILE, checkpoint_names
+    from cifar_ray.storage import read_file, subfolders
+
+    parts = sorted(subfolders(trial_dir, "part_")[1], key=lambda f: int(f.base_name.removeprefix("part_")))
+    latest = None
+    for folder in [trial_dir] + [f"{trial_dir}/{part.base_name}" for part in parts]:
+        names = checkpoint_names(folder)
+        if names and (latest is None or names[-1] >= latest[1]):
+            latest = (folder, names[-1])
+    if latest is None:
+        return None
+    folder, name = latest
+    return json.loads(read_file(f"{folder}/{name}", METADATA_FILE))["history"], folder
 
 
 def failed_trial_row(result, trained: dict) -> dict:
@@ -60,7 +90,7 @@ def write_experiment_outputs(cfg: Config, experiment_dir: str, results) -> dict:
     from cifar_ray.checkpoint import METADATA_FILE, best_checkpoint_in
     from cifar_ray.storage import read_file, replace_folder, write_file
 
-    rows = leaderboard_rows(cfg, results)
+    rows = leaderboard_rows(cfg, results, f"{experiment_dir}/trials")
     if not rows or rows[0]["best_val_accuracy"] is None:
         raise RuntimeError(f"no trial of {experiment_dir} finished an epoch; see the errors above")
     columns = [k for k in rows[0] if k not in ("val_accuracy_by_epoch", "run_folder")]

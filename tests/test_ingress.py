@@ -113,9 +113,9 @@ def test_cifar_ray_serve_stopped_by_sigterm_leaves_the_port_free_every_time(tmp_
             answer = None
             deadline = time.monotonic() + 180
             while time.monotonic() < deadline and server.poll() is None:
-                try:  # HAProxy answers 404 until the app's route is in
+                try:  # until the replica itself answers: HAProxy says 404 or 500 before
                     answer = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
-                    if answer.status_code != 404:
+                    if answer.status_code == 503 and "missing" in answer.text:
                         break
                 except requests.RequestException:
                     pass
@@ -136,5 +136,8 @@ def test_cifar_ray_serve_stopped_by_sigterm_leaves_the_port_free_every_time(tmp_
             for held in (port, stats, metrics):
                 assert port_holder(held) is None, f"cycle {cycle}: {port_holder(held)} still on port {held}"
         finally:
-            if server.poll() is None:
+            if server.poll() is None:  # failed: leave no HAProxy behind for the tests after this one
                 os.killpg(server.pid, signal.SIGKILL)
+                for held in (port, stats, metrics):
+                    if (holder := port_holder(held)) is not None and holder.name() == "haproxy":
+                        holder.kill()

@@ -309,6 +309,33 @@ def experiment(ray_cluster, tmp_path_factory):
     return cfg, best, trained_at, printed.getvalue()
 
 
+def test_a_leaderboard_row_reads_the_epochs_a_trial_trained_from_its_checkpoints(tmp_path):
+    """Seen under PBT: Tune's result log of a trial that trained 4 epochs (its second part
+    from a copied epoch-2 checkpoint) held epoch 3 alone, and the row said it stopped early
+    after 3. The row now comes from the trial's latest checkpoint."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from cifar_ray.leaderboard import leaderboard_rows
+
+    cfg = PRESETS["smoke"].with_overrides({**TINY, "epochs": 4})
+    history = [{"epoch": e, "val_accuracy": a} for e, a in enumerate([0.2, 0.5, 0.8, 0.7], start=1)]
+    for part, epochs in (("part_1", (1, 2)), ("part_2", (3, 4))):
+        for epoch in epochs:
+            folder = tmp_path / "trials" / "t1" / part / f"epoch_{epoch:04d}"
+            folder.mkdir(parents=True)
+            (folder / "metadata.json").write_text(json.dumps({"history": history[:epoch]}))
+            (folder / "model.keras").write_bytes(b"PK\x05\x06" + bytes(18))  # ends as a zip ends
+    tune_log = pd.DataFrame({"epoch": [3], "val_accuracy": [0.8], "epoch_time_s": [1.0], "time_total_s": [5.0],
+                             "checkpoint_path": [str(tmp_path / "trials/t1/part_2/epoch_0003")]})
+    result = SimpleNamespace(config={"lr": 0.01}, error=None, metrics={"trial_id": "t1"}, metrics_dataframe=tune_log)
+    (row,) = leaderboard_rows(cfg, [result], str(tmp_path / "trials"))
+    assert (row["epochs_run"], row["stopped_early"], row["best_epoch"]) == (4, False, 3)
+    assert row["val_accuracy_by_epoch"] == [0.2, 0.5, 0.8, 0.7]
+    assert row["run_folder"] == str(tmp_path / "trials/t1/part_2")
+
+
 def test_leaderboard_is_sorted_and_its_top_is_the_best_epoch_of_all_trials(experiment):
     cfg, best, _, _ = experiment
     folder = Path(best["experiment_dir"])
