@@ -23,6 +23,7 @@ from cifar_ray.errors import HostNotReady
 # HAProxy sizes its sockets from maxconn (4096 by default, per process and thread group);
 # under about this many open files it refuses to start.
 HAPROXY_OPEN_FILES = 10_000
+SERVE_HAPROXY_FOLDER = "haproxy-serve"  # in the path of the config Ray Serve writes for its HAProxy
 
 
 def port_holder(port: int):
@@ -61,13 +62,19 @@ def check_no_stale_haproxy() -> None:
             continue
         with contextlib.suppress(psutil.NoSuchProcess):
             process = psutil.Process(conn.pid)
-            if process.name() == "haproxy" and not under_a_raylet(process):
+            if is_serves_haproxy(process) and not under_a_raylet(process):
                 raise HostNotReady(f"port {conn.laddr.port} is held by {describe(process)}{left_by_serve(process)}: "
                                 f"stop it (kill {process.pid}) before serving")
 
 
+def is_serves_haproxy(process) -> bool:
+    """An HAProxy that Ray Serve started: its config lives in Serve's haproxy-serve folder
+    (RAY_SERVE_HAPROXY_CONFIG_FILE_LOC). A machine's own HAProxy is none of Serve's business."""
+    return process.name() == "haproxy" and any(SERVE_HAPROXY_FOLDER in arg for arg in process.cmdline())
+
+
 def left_by_serve(process) -> str:
-    return ", left from an earlier Serve" if process.name() == "haproxy" else ""
+    return ", left from an earlier Serve" if is_serves_haproxy(process) else ""
 
 
 def under_a_raylet(process) -> bool:

@@ -77,7 +77,8 @@ def test_an_haproxy_that_outlived_its_ray_fails_the_app_builder_naming_it(tmp_pa
     from cifar_ray.serve import app
 
     port = free_port()
-    config = tmp_path / "haproxy.cfg"
+    config = tmp_path / "haproxy-serve" / "haproxy.cfg"  # where Serve keeps its HAProxy's config
+    config.parent.mkdir()
     config.write_text(f"defaults\n  mode http\n  timeout client 5s\n  timeout server 5s\n  timeout connect 1s\n"
                       f"frontend f\n  bind 127.0.0.1:{port}\n  http-request return status 200\n")
     haproxy = subprocess.Popen([get_haproxy_binary(), "-f", str(config)])
