@@ -26,15 +26,19 @@ HAPROXY_OPEN_FILES = 10_000
 SERVE_HAPROXY_FOLDER = "haproxy-serve"  # in the path of the config Ray Serve writes for its HAProxy
 
 
-def port_holder(port: int):
-    """The psutil.Process listening on TCP `port` on this machine, or None."""
+def listeners():
+    """(port, psutil.Process) of every TCP socket listening on this machine."""
     import psutil
 
     for conn in psutil.net_connections(kind="tcp"):
-        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.pid:
             with contextlib.suppress(psutil.NoSuchProcess):
-                return psutil.Process(conn.pid)
-    return None
+                yield conn.laddr.port, psutil.Process(conn.pid)
+
+
+def port_holder(port: int):
+    """The psutil.Process listening on TCP `port` on this machine, or None."""
+    return next((process for held, process in listeners() if held == port), None)
 
 
 def describe(process) -> str:
@@ -49,7 +53,7 @@ def check_port_free(port: int) -> None:
     holder = port_holder(port)
     if holder is not None and not under_a_raylet(holder):
         raise HostNotReady(f"port {port} is held by {describe(holder)}{left_by_serve(holder)}: stop it "
-                        f"(kill {holder.pid}) or serve on another port")
+                           f"(kill {holder.pid}) or serve on another port")
 
 
 def check_no_stale_haproxy() -> None:
@@ -57,14 +61,11 @@ def check_no_stale_haproxy() -> None:
     Serve's own would fail to bind to its port."""
     import psutil
 
-    for conn in psutil.net_connections(kind="tcp"):
-        if conn.status != psutil.CONN_LISTEN or not conn.pid:
-            continue
+    for port, process in listeners():
         with contextlib.suppress(psutil.NoSuchProcess):
-            process = psutil.Process(conn.pid)
             if is_serves_haproxy(process) and not under_a_raylet(process):
-                raise HostNotReady(f"port {conn.laddr.port} is held by {describe(process)}{left_by_serve(process)}: "
-                                f"stop it (kill {process.pid}) before serving")
+                raise HostNotReady(f"port {port} is held by {describe(process)}{left_by_serve(process)}: "
+                                   f"stop it (kill {process.pid}) before serving")
 
 
 def is_serves_haproxy(process) -> bool:
