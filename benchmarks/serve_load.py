@@ -200,13 +200,11 @@ def deployment_options() -> dict:
 def deploy(checkpoint: str, options: dict, max_batch_size: int, app: str = "cifar", tta=None) -> None:
     from ray import serve
 
-    from cifar_ray.serve import serve_config_from_args
-    from cifar_ray.serve_deployment import Classifier
+    from cifar_ray.serve import application, serve_config_from_args
 
     cfg, uri = serve_config_from_args({"checkpoint": checkpoint, "storage_path": str(ROOT / "runs")})
     user_config = {**options["user_config"], "max_batch_size": max_batch_size, "tta": tta}
-    serve.run(Classifier.options(**{**options, "user_config": user_config}).bind(cfg, uri),
-              name=app, route_prefix="/")
+    serve.run(application(cfg, uri, {**options, "user_config": user_config}), name=app, route_prefix="/")
 
 
 def running_replicas(app: str = "cifar") -> int:

@@ -1,7 +1,7 @@
 """Hot swap under load: the champion moves twice while 32 clients keep asking.
 
     python benchmarks/swap_under_load.py --checkpoints runs/A/epoch_0002 runs/B/epoch_0002 \
-        [--clients 32] [--seconds 40] [--moves-at 10,25] [--poll-interval-s 5]
+        [--clients 32] [--seconds 40] [--moves-at 10,25] [--poll-interval-s 0.5]
 
 Registers the two checkpoints as versions 1 and 2 of cifar10-classifier in a throwaway
 MLflow store (no gate: this measures serving, not judging), makes 1 champion, and serves
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=40.0)
     parser.add_argument("--moves-at", default="10,25", help="seconds into the load of the two moves")
-    parser.add_argument("--poll-interval-s", type=float, default=5.0, help="replicas' registry poll")
+    parser.add_argument("--poll-interval-s", type=float, default=0.5, help="the Rollout deployment's registry poll")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args()
 
@@ -88,8 +88,7 @@ def main() -> None:
     from ray import serve
 
     from cifar_ray.model_registry import Registry
-    from cifar_ray.serve import serve_config_from_args
-    from cifar_ray.serve_deployment import Classifier
+    from cifar_ray.serve import application, serve_config_from_args
 
     store = tempfile.mkdtemp(prefix="cifar-ray-swap-")
     registry = Registry(f"sqlite:///{store}/mlflow.db")
@@ -102,7 +101,7 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     options = {**deployment_options(), "autoscaling_config": None, "num_replicas": 1}
     cfg, uri = serve_config_from_args({"tracking_uri": registry.uri, "poll_interval_s": args.poll_interval_s})
-    serve.run(Classifier.options(**options).bind(cfg, uri), name="cifar", route_prefix="/")
+    serve.run(application(cfg, uri, options), name="cifar", route_prefix="/")
     url = f"http://127.0.0.1:{args.port}/predict"
     body = sample_jpeg()
     asyncio.run(load_recording_versions(url, body, args.clients, 2.0))  # warm-up, not measured

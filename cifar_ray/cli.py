@@ -101,10 +101,30 @@ def add_registry_flags(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="promote whatever the gate says")
     add_field_flags(p, ("min_improvement", "max_class_drop"))
     commands.add_parser("rollback", parents=[store], help="champion back to the previous champion")
+    add_canary_flags(commands.add_parser(
+        "canary", parents=[store], help="a version takes a share of live traffic (or a shadow copy) and is "
+                                        "promoted or rolled back on live feedback"))
     p = commands.add_parser("register", parents=[store], help="a checkpoint folder or URI as a new version, "
                                                                "through the gate")
     p.add_argument("checkpoint")
     add_field_flags(p, ("eval_data", "promote", "min_improvement", "max_class_drop"))
+
+
+def add_canary_flags(p: argparse.ArgumentParser) -> None:
+    from dataclasses import fields
+
+    from cifar_ray.canary import Rule
+
+    p.add_argument("version", nargs="?", help="the version to roll out (not with --status or --stop)")
+    p.add_argument("--percent", type=float, default=10.0, help="share of the requests it answers (default: 10)")
+    p.add_argument("--shadow", action="store_true", help="answer a copy of every request instead, never seen "
+                                                         "by clients; rolled back when worse, promoted by a person")
+    p.add_argument("--status", action="store_true", help="the rollout's live figures per version")
+    p.add_argument("--stop", action="store_true", help="end the rollout, not promoted")
+    rule = p.add_argument_group("the decision (canary.py)")
+    for f in fields(Rule):
+        rule.add_argument("--" + f.name.replace("_", "-"), dest=f"rule_{f.name}", type=type(f.default),
+                          default=f.default, help=f"{f.metadata['help']} (default: {f.default})")
 
 
 FLAGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {

@@ -138,7 +138,8 @@ class ServeConfig:
     checkpoint: str = _f(f"models:/{REGISTERED_MODEL}@{CHAMPION}",
                          "what to serve: models:/NAME@ALIAS or models:/NAME/VERSION from the registry "
                          "(followed live), or a checkpoint folder or URI (env CIFAR_RAY_CHECKPOINT wins)")
-    poll_interval_s: float = _f(5.0, "how often replicas look for a new champion (seconds)")
+    poll_interval_s: float = _f(0.5, "how often the Rollout deployment reads the registry for the champion "
+                                "and a canary (seconds); every replica switches when it says")
     max_batch_size: int = _f(16, "requests batched into one model call (1 disables batching)")
     batch_wait_timeout_s: float = _f(0.005, "longest wait for a batch to fill while other requests are in "
                                      "flight (seconds); a lone request never waits")

@@ -7,6 +7,8 @@ here, below every other module, so that raising one imports nothing.
 
 from __future__ import annotations
 
+import re
+
 
 class DataSourceError(ValueError):
     """A problem with the user's data, reported as one line, never a traceback."""
@@ -67,3 +69,14 @@ def find_user_error(error: BaseException) -> BaseException | None:
         stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
         stack += list(getattr(e, "worker_failures", {}).values())  # Ray Train's worker errors
     return error if isinstance(error, USER_ERRORS) else None
+
+
+# A file path or a URI in an error message: "/a/b/model.keras", "sqlite:////a/mlflow.db",
+# "s3://b/runs/x" (not "models:/name@alias", which names a registry version).
+PATH_OR_URI = re.compile(r"(?:\b[a-z][a-z0-9+.-]*://|(?<![\w.:])/)[^\s'\",:;()]*")
+
+
+def without_paths(message: str) -> str:
+    """An error as an HTTP body gives it: each path or URI cut to its last part. Clients
+    learn what failed, not where the cluster keeps its files; the replica's log has it all."""
+    return PATH_OR_URI.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1], message)

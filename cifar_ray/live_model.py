@@ -2,9 +2,10 @@
 
 What to serve (`source`):
 - `models:/NAME@ALIAS` (the default, `models:/cifar10-classifier@champion`): the registry
-  version the alias points to, followed. The replica calls `refresh` every poll interval. A
-  new version is loaded and warmed up beside the one being served, then swapped in with one
-  assignment, so requests in flight finish on the model they started with and none fail.
+  version the alias points to, followed: `follow` loads the versions the Rollout deployment
+  names (rollout.py) beside the one being served, warmed up, and switches with one
+  assignment when it says, so requests in flight finish on the model they started with and
+  none fail. During a rollout, `route` picks the candidate for its share of the requests.
 - `models:/NAME/VERSION`: one registry version, pinned.
 - a checkpoint folder or URI: loaded once.
 
@@ -16,8 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
-import re
+import random
 import tempfile
+import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,10 +30,10 @@ import numpy as np
 from cifar_ray.calibration import apply_temperature, temperature_of
 from cifar_ray.config import IMAGE_SHAPE
 from cifar_ray.errors import first_line
+from cifar_ray.model_registry import REGISTRY_URI
 from cifar_ray.tta import predict_with_tta, tta_of
 
 logger = logging.getLogger("ray.serve")
-REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
 @dataclass(frozen=True)
@@ -72,12 +75,17 @@ def load(folder: Path, version: str) -> Loaded:
 
 
 class LiveModel:
-    """What one replica serves now (`current`), kept in step with `source`."""
+    """What one replica serves now (`current`, and during a rollout `candidate`), kept in step
+    with `source`: by `refresh`, or by the routes the Rollout deployment sends (`use`)."""
 
     def __init__(self, source: str, tracking_uri: str | None = None):
         self.source, self.tracking_uri = source, tracking_uri
         self.reference = REGISTRY_URI.match(source)
         self.current: Loaded | None = None
+        self.candidate: Loaded | None = None
+        self.percent, self.shadow = 0.0, False
+        self.loaded: dict[str, Loaded] = {}  # registry versions ready to answer, current's included
+        self.failed: dict[str, str] = {}  # versions that could not be loaded, and why
         self.error = ""  # why the version `source` points to is not the one served ("" when it is)
         self._failed: str | None = None
         self._registry = None  # an MlflowClient, made on first use
@@ -106,21 +114,85 @@ class LiveModel:
             self._fail(version, f"cannot load {what}: {first_line(e)}")
             return False
         self.current, self.error, self._failed = loaded, "", None
+        self.loaded[version] = loaded
         logger.info(f"serving {self.source}: version {version}")
         return True
+
+    def load_versions(self, versions: list[str]) -> None:
+        """Load, beside what is served, each registry version not loaded or tried yet."""
+        for version in versions:
+            if version in self.loaded or version in self.failed:
+                continue
+            try:
+                location = self._registry_client().get_model_version(self.reference["name"], version).source
+                self.loaded[version] = self._load(version, location)
+                logger.info(f"loaded version {version}")
+            except Exception as e:
+                self.failed[version] = f"cannot load version {version}: {first_line(e)}"
+                logger.error(self.failed[version])
+
+    def follow(self, rollout, stop: threading.Event) -> None:
+        """Load the versions the Rollout deployment (a handle to it) names, then answer as its
+        routes say, switching when it tells every replica to (rollout.py). Runs until `stop`."""
+        from cifar_ray.rollout import WATCH_S, Routes
+
+        replica, generation = uuid.uuid4().hex, -1
+        while not stop.is_set():
+            try:
+                news = rollout.watch.remote(replica, generation, sorted(self.tried)).result(timeout_s=3 * WATCH_S)
+                self.load_versions(news["load"])
+                if news["generation"] != generation:
+                    self.use(Routes(**news["active"]), keep=set(news["load"]))
+                    generation = news["generation"]
+            except Exception:  # never let the follower die: the next watch tries again
+                logger.exception("following the rollout")
+                stop.wait(1.0)
+
+    def route(self) -> tuple[Loaded, Loaded | None]:
+        """(the model that answers a request, the shadow that answers a copy of it or None):
+        during a canary the candidate answers `percent` of the requests."""
+        if self.candidate is None:
+            return self.current, None
+        if self.shadow:
+            return self.current, self.candidate
+        return (self.candidate if random.random() * 100 < self.percent else self.current), None
+
+    @property
+    def tried(self) -> set[str]:
+        """Versions loaded or found unloadable: nothing more to do for them."""
+        return set(self.loaded) | set(self.failed)
+
+    def use(self, routes, keep: set[str]) -> None:
+        """Answer as `routes` (rollout.Routes) say, with the versions loaded; forget the loaded
+        versions neither they nor `keep` name. A champion that could not be loaded leaves the
+        current one serving and `error` saying why."""
+        champion = self.loaded.get(routes.champion)
+        if champion is not None:
+            self.current, self.error = champion, ""
+        elif routes.champion in self.failed:
+            serving = f"; still serving version {self.current.version}" if self.current else ""
+            self.error = self.failed[routes.champion] + serving
+        self.candidate = self.loaded.get(routes.candidate)
+        self.percent, self.shadow = routes.percent, routes.shadow
+        keep = keep | routes.versions | {self.current.version if self.current else None}
+        self.loaded = {v: m for v, m in self.loaded.items() if v in keep}
+        self.failed = {v: why for v, why in self.failed.items() if v in keep}
 
     def _resolve(self) -> tuple[str, str]:
         """(version, where its checkpoint is) of what `source` names now."""
         if not self.reference:
             return "/".join(self.source.rstrip("/").split("/")[-2:]), self.source
-        from cifar_ray.tracking import client
-
-        self._registry = self._registry or client(self.tracking_uri)
-        registry = self._registry
+        registry = self._registry_client()
         name, alias = self.reference["name"], self.reference["alias"]
         found = (registry.get_model_version_by_alias(name, alias) if alias
                  else registry.get_model_version(name, self.reference["version"]))
         return str(found.version), found.source
+
+    def _registry_client(self):
+        from cifar_ray.tracking import client
+
+        self._registry = self._registry or client(self.tracking_uri)
+        return self._registry
 
     def _load(self, version: str, location: str) -> Loaded:
         from cifar_ray.checkpoint import local_checkpoint

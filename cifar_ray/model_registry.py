@@ -9,6 +9,8 @@ carry, `rollback` moves it back, and both keep the history of who held it.
 
 from __future__ import annotations
 
+import json
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,6 +19,11 @@ from cifar_ray.config import CHAMPION, REGISTERED_MODEL, RegistryConfig
 from cifar_ray.errors import RegistryError, first_line
 from cifar_ray.gate import Decision, Scores, judge
 
+# What Serve may serve from the registry: models:/NAME@ALIAS (followed) or models:/NAME/VERSION.
+REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+CANDIDATE = "candidate"  # the alias of a version under a canary or shadow rollout (rollout.py)
+CANARY_TAG = "canary"  # on the registered model: the rollout's settings, JSON
+STATUS_TAG = "canary_status"  # on the registered model: the rollout's live figures, JSON (rollout.py)
 HISTORY_TAG = "champion_history"  # on the registered model: versions that held the alias, in order
 EVAL_SET_ARTIFACT = "eval_set"
 CHECKPOINT_ARTIFACT = "checkpoint"
@@ -92,6 +99,50 @@ class Registry:
         self.client.set_registered_model_alias(self.name, CHAMPION, str(version))
         self.client.set_registered_model_tag(self.name, HISTORY_TAG, ",".join(history[-200:]))
         self.client.set_model_version_tag(self.name, str(version), "champion_since", now())
+
+    def canary(self) -> dict | None:
+        """The rollout under way: {"version", "percent", "shadow", "started", "rule"}, or None.
+        Only while the alias `candidate` and the settings name the same version."""
+        if not self._exists():
+            return None
+        settings = json.loads(self.client.get_registered_model(self.name).tags.get(CANARY_TAG) or "null")
+        candidate = self._or_none(self.client.get_model_version_by_alias, self.name, CANDIDATE)
+        if not settings or candidate is None or str(candidate.version) != settings.get("version"):
+            return None
+        return settings
+
+    def start_canary(self, version: str, percent: float, shadow: bool, rule: dict) -> dict:
+        """Version `version` takes `percent` of the traffic (or, with `shadow`, a copy of it)."""
+        candidate = self.version(version)
+        self.check_files(candidate)
+        champion = self.champion()
+        if champion is None:
+            raise RegistryError("no champion to compare a canary with; promote a first version")
+        if str(champion.version) == str(candidate.version):
+            raise RegistryError(f"version {version} is already champion")
+        settings = {"version": str(candidate.version), "percent": percent, "shadow": shadow, "started": now(),
+                    "champion": str(champion.version), "rule": rule}
+        self.client.set_registered_model_tag(self.name, CANARY_TAG, json.dumps(settings))
+        self.client.set_registered_model_alias(self.name, CANDIDATE, str(candidate.version))
+        return settings
+
+    def stop_canary(self, outcome: str | None = None, evidence: dict | None = None) -> str | None:
+        """End the rollout: the alias `candidate` removed, the outcome and its evidence kept as
+        tags on the version. The version it ended, or None when none was under way."""
+        settings = self.canary()
+        if self._exists():
+            if self._or_none(self.client.get_model_version_by_alias, self.name, CANDIDATE) is not None:
+                self.client.delete_registered_model_alias(self.name, CANDIDATE)
+            self.client.set_registered_model_tag(self.name, CANARY_TAG, "")
+        if settings is None:
+            return None
+        version = settings["version"]
+        if outcome:
+            self.client.set_model_version_tag(self.name, version, "canary_decision", outcome)
+            self.client.set_model_version_tag(self.name, version, "canary_ended", now())
+        if evidence:
+            self.client.set_model_version_tag(self.name, version, "canary_evidence", json.dumps(evidence))
+        return version
 
     def check_files(self, version) -> None:
         """A version's checkpoint must be in the store before it may be served."""

@@ -4,6 +4,8 @@
     python -m cifar_ray.registry show 3
     python -m cifar_ray.registry promote 3            # through the gate; --force skips it
     python -m cifar_ray.registry rollback             # champion goes back to the previous one
+    python -m cifar_ray.registry canary 4 --percent 10  # 10% of live traffic; promoted or rolled
+    python -m cifar_ray.registry canary --status        #   back on live feedback (canary.py)
     python -m cifar_ray.registry register runs/NAME/epoch_0010   # a checkpoint made earlier
 
 The registered model `cifar10-classifier` lives in the MLflow store of tracking.py. The best
@@ -23,7 +25,7 @@ from cifar_ray import tracking
 from cifar_ray.config import Config
 from cifar_ray.errors import RegistryError, TrackingUnavailable, first_line
 from cifar_ray.eval_set import choose_eval_set
-from cifar_ray.model_registry import Registry, promote, rollback
+from cifar_ray.model_registry import STATUS_TAG, Registry, promote, rollback
 from cifar_ray.registration import register
 
 
@@ -47,6 +49,60 @@ def show_version(registry: Registry, version: str) -> str:
             "created": datetime.fromtimestamp(v.creation_timestamp / 1000).isoformat(timespec="seconds"),
             "tags": dict(sorted(v.tags.items()))}
     return json.dumps(info, indent=2)
+
+
+def canary(registry: Registry, args) -> str:
+    """`registry canary`: start a rollout, or --stop it, or its --status."""
+    from dataclasses import fields
+
+    from cifar_ray.canary import Rule
+
+    if args.status:
+        return canary_status(registry)
+    if args.stop:
+        version = registry.stop_canary("stopped: registry canary --stop")
+        return f"rollout of version {version} stopped, not promoted" if version else "no rollout under way"
+    if not args.version:
+        raise RegistryError("registry canary: name a version, or use --status or --stop")
+    if not 0 < args.percent <= 100:
+        raise RegistryError(f"--percent must be above 0 and at most 100, not {args.percent}")
+    under_way = registry.canary()
+    if under_way:
+        raise RegistryError(f"version {under_way['version']} is already rolling out; end it first with "
+                            "registry canary --stop")
+    rule = {f.name: getattr(args, f"rule_{f.name}") for f in fields(Rule)}
+    settings = registry.start_canary(args.version, args.percent, args.shadow, rule)
+    share = "a shadow copy of every request" if args.shadow else f"{args.percent:g}% of the requests"
+    return (f"version {settings['version']} takes {share} beside champion version {settings['champion']}; "
+            f"decided on live feedback (registry canary --status)")
+
+
+def canary_status(registry: Registry) -> str:
+    """The figures the Rollout deployment last wrote: per version, and its verdict so far."""
+    settings = registry.canary()
+    status = json.loads(registry.client.get_registered_model(registry.name).tags.get(STATUS_TAG) or "null")
+    if settings is None:
+        return "no rollout under way" + (f"; the last one: {status['verdict']['reason']}" if status else "")
+    mode = "shadow" if settings["shadow"] else f"canary at {settings['percent']:g}%"
+    lines = [f"version {settings['version']}: {mode} since {settings['started']}, champion version "
+             f"{settings['champion']}"]
+    if not status or status.get("canary", {}).get("started") != settings["started"]:
+        return "\n".join(lines + ["no figures yet: is the endpoint serving (serve run serve_config.yaml)?"])
+    rows = [("version", "requests", "errors", "p50_ms", "p99_ms", "confidence", "labelled", "accuracy (95% CI)",
+             "agreement")]
+    for version, r in sorted(status["versions"].items()):
+        accuracy = (f"{r['live_accuracy']:.3f} ({r['accuracy_interval'][0]:.3f}-{r['accuracy_interval'][1]:.3f})"
+                    if r["live_accuracy"] is not None else "-")
+        rows.append((version, r["requests"], r["errors"], fmt(r["p50_ms"], ".1f"), fmt(r["p99_ms"], ".1f"),
+                     fmt(r["mean_confidence"], ".3f"), r["labelled"], accuracy, fmt(r["agreement"], ".3f")))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    verdict = status["verdict"]
+    return "\n".join(lines + [f"so far: {verdict['action']} ({verdict['reason']})"])
+
+
+def fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def register_checkpoint(cfg: Config, checkpoint: str) -> dict:
@@ -94,8 +150,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     args = parse_args("registry", argv, prog)
 
     def run() -> None:
-        not_config = ("command", "version", "force", "checkpoint", "verbose")
-        cfg = Config().with_overrides({k: v for k, v in vars(args).items() if v is not None and k not in not_config})
+        not_config = ("command", "version", "force", "checkpoint", "verbose", "percent", "shadow", "status", "stop")
+        cfg = Config().with_overrides({k: v for k, v in vars(args).items()
+                                       if v is not None and k not in not_config and not k.startswith("rule_")})
         if args.command == "register":
             register_checkpoint(cfg, args.checkpoint)
             return
@@ -111,6 +168,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
                 print(f"{registry.name} version {args.version} {verdict}: {decision.reason}")
                 if not decision.promote:
                     raise SystemExit(1)
+            elif args.command == "canary":
+                print(canary(registry, args))
             elif args.command == "rollback":
                 current, previous = rollback(registry)
                 print(f"{registry.name}: champion rolled back from version {current} to version {previous}")

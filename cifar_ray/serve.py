@@ -6,9 +6,10 @@
     curl -F file=@cat.png localhost:8000/predict
 
 By default replicas serve `models:/cifar10-classifier@champion` from the MLflow registry
-(model_registry.py) and switch to a new champion by themselves, within --poll-interval-s,
-with no redeploy and no failed request (live_model.py). The deployment, its endpoints and
-their batching: serve_deployment.py.
+(model_registry.py) and all switch to a new champion together, within about
+--poll-interval-s, with no redeploy and no failed request: the Rollout deployment
+(rollout.py) follows the registry for them, runs canaries, and takes /feedback. The
+Classifier deployment, its endpoints and their batching: serve_deployment.py.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from ray import serve
 
 from cifar_ray.config import Config, ServeConfig
 from cifar_ray.flags import config_from_args
-from cifar_ray.live_model import REGISTRY_URI
+from cifar_ray.model_registry import REGISTRY_URI
+from cifar_ray.rollout import Rollout
 from cifar_ray.serve_deployment import Classifier
 from cifar_ray.storage import absolute
 
@@ -63,13 +65,16 @@ def app(args: dict) -> serve.Application:
     return application(*serve_config_from_args(args))
 
 
-def application(cfg: ServeConfig, tracking_uri: str | None) -> serve.Application:
+def application(cfg: ServeConfig, tracking_uri: str | None, options: dict | None = None) -> serve.Application:
+    """The Classifier replicas and the Rollout deployment they follow and report to;
+    `options` override the Classifier's deployment options (benchmarks and tests)."""
     if any(os.environ.get(k) != v for k, v in FAST_INGRESS_ENV.items()):
         logger.warning("serving through Ray's Python proxy; for 3x the requests/s start Ray with "
                        + " ".join(f"{k}={v}" for k, v in FAST_INGRESS_ENV.items()))
-    return Classifier.options(user_config={"max_batch_size": cfg.max_batch_size,
-                                           "batch_wait_timeout_s": cfg.batch_wait_timeout_s, "tta": cfg.tta}
-                              ).bind(cfg, tracking_uri)
+    user_config = {"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
+                   "tta": cfg.tta}
+    rollout = Rollout.bind(cfg.checkpoint, tracking_uri, cfg.poll_interval_s)
+    return Classifier.options(**{"user_config": user_config, **(options or {})}).bind(cfg, tracking_uri, rollout)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:

@@ -8,10 +8,13 @@ Endpoints (OpenAPI docs at /docs):
     GET  /metadata       class names, model, training metrics, data source, model card
     GET  /model-card     the served model's MODEL_CARD.md
 
-Every answer names its `model_version`. A replica serving `models:/...@champion` follows the
-alias by itself (live_model.py). With CIFAR_RAY_API_TOKEN set on the nodes, /predict,
-/predict/json, /metadata and /model-card answer 401 unless the request carries
-`Authorization: Bearer <token>`; the page and /healthz (for probes) stay open.
+    POST /feedback       {"request_id": "...", "label": 3 or "cat"}: the true label of an answer
+
+Every answer names its `model_version` and its `request_id`. A replica serving
+`models:/...@champion` answers as the Rollout deployment says (rollout.py): the champion,
+and during a rollout a candidate's share or shadow. With CIFAR_RAY_API_TOKEN set on the
+nodes, every route but the page and /healthz (for probes) answers 401 unless the request
+carries `Authorization: Bearer <token>`.
 
 Concurrent requests share one model call through `@serve.batch`; `user_config` sets the
 batch size, wait and TTA live (`reconfigure`). Decoding and model calls run on compute
@@ -25,9 +28,9 @@ import asyncio
 import hmac
 import logging
 import os
-import re
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +40,13 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse
 from ray import serve
+from ray.serve.context import _get_serve_request_context
 
 from cifar_ray.config import ServeConfig
+from cifar_ray.errors import without_paths
 from cifar_ray.live_model import LiveModel
-from cifar_ray.serve_input import decode_upload, parse_json_images, read_body, read_image_bytes
+from cifar_ray.answers import Answer, AnswerOutbox
+from cifar_ray.serve_input import decode_upload, parse_feedback, parse_json_images, read_body, read_image_bytes
 from cifar_ray.serve_metrics import CountAnswers, ServeMetrics
 
 logger = logging.getLogger("ray.serve")
@@ -50,25 +56,18 @@ TOKEN_ENV = "CIFAR_RAY_API_TOKEN"
 COMPUTE_THREADS = 2  # batches in flight per replica: one computing while the next one forms
 
 PAGE_HTML = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")  # GET /
-# A file path or a URI in an error message: "/a/b/model.keras", "sqlite:////a/mlflow.db",
-# "s3://b/runs/x" (not "models:/name@alias", which names a registry version).
-PATH_OR_URI = re.compile(r"(?:\b[a-z][a-z0-9+.-]*://|(?<![\w.:])/)[^\s'\",:;()]*")
-
-
-def without_paths(message: str) -> str:
-    """An error as an HTTP body gives it: each path or URI cut to its last part. Clients
-    learn what failed, not where the cluster keeps its files; the replica's log has it all."""
-    return PATH_OR_URI.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1], message)
-
 api = FastAPI(title="cifar-ray", description="CIFAR-10 image classification")
 
 
 @dataclass
 class Pending:
-    """One request's images on their way into a batch, and when they joined the queue."""
+    """One request's images on their way into a batch: when they joined the queue, the model
+    chosen to answer them and, during a shadow rollout, the one that answers a copy."""
 
     images: np.ndarray
     queued_at: float
+    model: Any
+    shadow: Any = None
 
 
 api.add_middleware(CountAnswers)
@@ -79,8 +78,8 @@ api.add_middleware(CountAnswers)
 @serve.deployment(name="Classifier", max_ongoing_requests=1000, max_queued_requests=64)
 @serve.ingress(api)
 class Classifier:
-    def __init__(self, cfg: ServeConfig, tracking_uri: str | None = None):
-        self.cfg = cfg
+    def __init__(self, cfg: ServeConfig, tracking_uri: str | None = None, rollout=None):
+        self.cfg, self.rollout = cfg, rollout  # rollout: a handle to the Rollout deployment
         self.token = os.environ.get(TOKEN_ENV) or None
         self.metrics = api.state.metrics = ServeMetrics()
         # Decoding and model calls run on these threads, never on the replica's event loop:
@@ -92,16 +91,10 @@ class Classifier:
         self.live = LiveModel(self.cfg.checkpoint, tracking_uri)
         self.live.refresh()
         self.stop = threading.Event()
-        if self.live.follows_registry:
-            threading.Thread(target=self._follow_registry, name="follow-registry", daemon=True).start()
-
-    def _follow_registry(self) -> None:
-        """Swap in the version the alias points to, whenever it moves (live_model.py)."""
-        while not self.stop.wait(self.cfg.poll_interval_s):
-            try:
-                self.live.refresh()
-            except Exception:  # never let the follower die: the next poll tries again
-                logger.exception("following the registry")
+        self.answers = AnswerOutbox(rollout, self.stop) if rollout is not None else None
+        if self.live.follows_registry and rollout is not None:
+            threading.Thread(target=self.live.follow, args=(rollout, self.stop), name="follow-rollout",
+                             daemon=True).start()
 
     def __del__(self):
         self.stop.set()
@@ -127,25 +120,35 @@ class Classifier:
         self.predict_batch.set_batch_wait_timeout_s(self.batch_wait_s if self.in_flight else 0.0)
         self.in_flight += 1
         try:
-            return await self.predict_batch(Pending(images, queued_at))
+            return await self.predict_batch(Pending(images, queued_at, *self.live.route()))
         finally:
             self.in_flight -= 1
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0, max_concurrent_batches=COMPUTE_THREADS)
     async def predict_batch(self, requests: list[Pending]) -> list[tuple]:
-        """One model call for all images of all concurrent requests; each request gets its
-        probabilities and the model that computed them (a swap may land between batches)."""
-        model = self.live.current
+        """One model call per model for all images of all concurrent requests (one model but
+        during a canary); each request gets its probabilities and the model that computed them."""
         started = time.perf_counter()
         for r in requests:
             self.metrics.observe("queue", r.queued_at)
-        images = np.concatenate([r.images for r in requests])
-        probabilities = await self._off_loop(model.predict, images, self.tta)
+        answers: list[tuple] = [()] * len(requests)
+        for model in {id(r.model): r.model for r in requests}.values():
+            mine = [i for i, r in enumerate(requests) if r.model is model]
+            images = np.concatenate([requests[i].images for i in mine])
+            try:
+                probabilities = await self._off_loop(model.predict, images, self.tta)
+            except Exception:
+                if self.answers is not None:  # counted against the version: the canary's error rate
+                    for _ in mine:
+                        self.answers.add(Answer("", model.version, -1, 0.0, 0.0, error=True))
+                raise
+            self.metrics.batch_images.observe(len(images))
+            self.metrics.serving(model.version, model.metadata["model"])
+            counts = np.cumsum([len(requests[i].images) for i in mine])[:-1]
+            for i, p in zip(mine, np.split(probabilities, counts)):
+                answers[i] = (p, model, requests[i].shadow)
         self.metrics.observe("model", started)
-        self.metrics.batch_images.observe(len(images))
-        self.metrics.serving(model.version, model.metadata["model"])
-        counts = np.cumsum([len(r.images) for r in requests])[:-1]
-        return [(p, model) for p in np.split(probabilities, counts)]
+        return answers
 
     # --- HTTP endpoints -----------------------------------------------------------------
 
@@ -154,25 +157,40 @@ class Classifier:
         """Classify one image, uploaded as multipart form field `file` or as raw bytes."""
         self._require_token(request)
         self._require_ready()
-        start = time.perf_counter()
+        start = begun = time.perf_counter()
         data = await read_image_bytes(request, self.cfg.max_body_bytes, self.cfg.body_timeout_s)
         start = self.metrics.observe("read", start)
         image = await self._off_loop(decode_upload, data)
         queued_at = self.metrics.observe("decode", start)
-        return self._answer(*await self._classify(image[None], queued_at), top_k)[0]
+        return self._answer(*await self._classify(image[None], queued_at), top_k, image[None], begun)[0]
 
     @api.post("/predict/json")
     async def predict_json(self, request: Request, top_k: int | None = Query(None, ge=1, le=10)) -> Any:
         """Classify `{"image": HxWx3 lists}` (one answer) or `{"images": [...]}` (a list)."""
         self._require_token(request)
         self._require_ready()
-        start = time.perf_counter()
+        start = begun = time.perf_counter()
         body = await read_body(request, self.cfg.max_body_bytes, self.cfg.body_timeout_s)
         start = self.metrics.observe("read", start)
         images, single = await self._off_loop(parse_json_images, body)
         queued_at = self.metrics.observe("decode", start)
-        answers = self._answer(*await self._classify(images, queued_at), top_k)
+        answers = self._answer(*await self._classify(images, queued_at), top_k, images, begun)
         return answers[0] if single else answers
+
+    @api.post("/feedback")
+    async def feedback(self, request: Request) -> dict:
+        """The true label of an answer: `{"request_id": "...", "label": 3 or "cat"}`. Answers
+        whether the model got it right; any replica takes feedback for any replica's answer."""
+        self._require_token(request)
+        body = await read_body(request, 10_000, self.cfg.body_timeout_s)
+        request_id, label = parse_feedback(body)
+        if self.answers is None:
+            raise HTTPException(503, "feedback needs the Rollout deployment (serve.py's application)")
+        self.answers.flush()  # this replica's own recent answers first
+        found = await self.rollout.feedback.remote(request_id, label)
+        if found is None:
+            raise HTTPException(404, f"no answer with request_id {request_id!r} is remembered here")
+        return found
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> str:
@@ -228,16 +246,39 @@ class Classifier:
         """Run `function(*args)` on the compute threads, so the event loop stays free."""
         return await asyncio.get_running_loop().run_in_executor(self.compute, function, *args)
 
-    def _answer(self, probabilities: np.ndarray, model, top_k: int | None) -> list[dict]:
+    def _answer(self, probabilities: np.ndarray, model, shadow, top_k: int | None, images: np.ndarray,
+                begun: float) -> list[dict]:
+        """The JSON answers, each with its request_id, the id /feedback takes: Serve's own id of
+        the HTTP request (its x-request-id header, in its logs), `ID.0`, `ID.1`... for a list.
+        Each is recorded for the Rollout deployment; a shadow's copy is computed after them."""
         names = model.metadata["class_names"]
         k = top_k or self.cfg.top_k
+        latency_ms = (time.perf_counter() - begun) * 1000
+        # Ray Serve has no public getter for its request id: the Python proxy keeps it only in
+        # this context (HAProxy also sets the header), and both send it back as x-request-id.
+        request_id = _get_serve_request_context().request_id or uuid.uuid4().hex
         answers = []
-        for p in probabilities:
+        for n, p in enumerate(probabilities):
             ranked = np.argsort(-p)[:k]
             answers.append({
                 "class_name": names[int(ranked[0])], "class_index": int(ranked[0]),
                 "top_k": [{"class_name": names[int(i)], "probability": float(p[i])} for i in ranked],
                 "model": model.metadata["model"], "model_version": model.version,
+                "request_id": f"{request_id}.{n}" if len(probabilities) > 1 else request_id,
             })
+            if self.answers is not None:
+                self.answers.add(Answer(answers[-1]["request_id"], model.version, int(ranked[0]), float(p[ranked[0]]),
+                                        latency_ms))
         self.metrics.predicted([a["class_name"] for a in answers], model.version)
+        if shadow is not None and self.answers is not None:
+            self.compute.submit(self._shadow, shadow, images, [a["request_id"] for a in answers])
         return answers
+
+    def _shadow(self, model, images: np.ndarray, request_ids: list[str]) -> None:
+        """A shadow's answers to a copy of the requests: recorded, never sent to a client."""
+        started = time.perf_counter()
+        probabilities = model.predict(images, self.tta)
+        latency_ms = (time.perf_counter() - started) * 1000
+        for request_id, p in zip(request_ids, probabilities):
+            label = int(np.argmax(p))
+            self.answers.add(Answer(request_id, model.version, label, float(p[label]), latency_ms, shadow=True))

@@ -15,7 +15,7 @@ import numpy as np
 from fastapi import HTTPException
 from starlette.requests import Request
 
-from cifar_ray.config import IMAGE_SHAPE
+from cifar_ray.config import CLASS_NAMES, IMAGE_SHAPE
 
 IMAGE_TYPES = ("image/", "application/octet-stream")
 CLOSE = {"Connection": "close"}  # the answer ends the connection
@@ -53,6 +53,23 @@ def parse_json_images(body: bytes) -> tuple[np.ndarray, bool]:
         raise HTTPException(422, 'expected a JSON object with "image" or "images"')
     single = "image" in payload
     return pixels_to_batch([payload["image"]] if single else payload["images"]), single
+
+
+def parse_feedback(body: bytes) -> tuple[str, int]:
+    """POST /feedback's `{"request_id": "...", "label": 3 or "cat"}` -> (request id, class index)."""
+    try:
+        feedback = json.loads(body, parse_constant=reject_constant)
+    except (ValueError, RecursionError):
+        raise HTTPException(400, "body is not JSON") from None
+    if not isinstance(feedback, dict) or not isinstance(feedback.get("request_id"), str):
+        raise HTTPException(422, 'expected {"request_id": "<id of an answer>", "label": <class index or name>}')
+    label = feedback.get("label")
+    if isinstance(label, str) and label in CLASS_NAMES:
+        label = CLASS_NAMES.index(label)
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(CLASS_NAMES):
+        raise HTTPException(422, f"label must be a class index 0-{len(CLASS_NAMES) - 1} or one of "
+                                 f"{', '.join(CLASS_NAMES)}; got {label!r}")
+    return feedback["request_id"], label
 
 
 def decode_upload(data: bytes) -> np.ndarray:

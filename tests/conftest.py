@@ -196,3 +196,16 @@ def unusual_images() -> dict[str, tuple[bytes, np.ndarray]]:
                                        np.zeros((32, 32, 3), np.uint8)),
         "1x1 png": (saved(Image.fromarray(np.full((1, 1, 3), 77, np.uint8)), "PNG"), np.full((32, 32, 3), 77, np.uint8)),
     }
+
+
+@pytest.fixture(scope="session")
+def lifecycle(two_worker_run):
+    """The registry test_registry and test_rollout share: the shared good run (version 1,
+    the first: champion) and a worse run into the same store (version 2), trained on other
+    images with a learning rate too small to learn anything."""
+    from cifar_ray.train import run
+
+    cfg, good, _ = two_worker_run
+    worse = run(cfg.with_overrides({"name": "worse", "num_workers": 1, "per_worker_batch_size": None,
+                                    "epochs": 1, "lr": 1e-7, "seed": 5, "synthetic_size": 200}))
+    return cfg, good, worse

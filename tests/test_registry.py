@@ -150,18 +150,6 @@ def test_cli_errors_are_one_line_exit_2_and_change_nothing(registry):
 # End to end: training registers, the gate decides, Serve follows
 # ---------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def lifecycle(two_worker_run):
-    """The shared good run (version 1, the first: champion) and a worse run into the same
-    store, trained on other images with a learning rate too small to learn anything."""
-    from cifar_ray.train import run
-
-    cfg, good, _ = two_worker_run
-    worse = run(cfg.with_overrides({"name": "worse", "num_workers": 1, "per_worker_batch_size": None,
-                                    "epochs": 1, "lr": 1e-7, "seed": 5, "synthetic_size": 200}))
-    return cfg, good, worse
-
-
 def test_a_good_run_becomes_champion_and_a_worse_one_does_not(lifecycle):
     from cifar_ray.tracking import tracking_uri
 
@@ -242,12 +230,13 @@ def wait_for(predicate, timeout: float, every: float = 0.5):
     raise AssertionError(f"not within {timeout} s")
 
 
-def test_serve_follows_the_champion_through_promote_rollback_and_a_broken_version(lifecycle, tmp_path, capsys):
-
+@pytest.fixture(scope="module")
+def registry_endpoint(lifecycle):
+    """The app as serve.py builds it, following the lifecycle store's champion, with two
+    Classifier replicas (the Rollout deployment must keep them in step); (url, uri, ask, cli)."""
     from ray import serve
 
-    from cifar_ray.serve import serve_config_from_args
-    from cifar_ray.serve_deployment import Classifier
+    from cifar_ray.serve import application, serve_config_from_args
     from cifar_ray.tracking import tracking_uri
     from test_serve import free_port
 
@@ -255,53 +244,149 @@ def test_serve_follows_the_champion_through_promote_rollback_and_a_broken_versio
     uri = tracking_uri(cfg)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve_cfg, resolved_uri = serve_config_from_args({"storage_path": cfg.run.storage_path, "poll_interval_s": 0.5})
+    serve_cfg, resolved_uri = serve_config_from_args({"storage_path": cfg.run.storage_path})
     assert serve_cfg.checkpoint == "models:/cifar10-classifier@champion" and resolved_uri == uri
-    serve.run(Classifier.options(ray_actor_options={"num_cpus": 0}).bind(serve_cfg, resolved_uri),
+    serve.run(application(serve_cfg, uri, {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0}}),
               name="cifar-registry", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    image = {"image": make_images(1, seed=9)[0][0].tolist()}
+    images, labels = make_images(40, seed=9)
 
-    def served_version():
-        response = requests.post(f"{url}/predict/json", json=image, timeout=30)
+    def ask(i: int = 0) -> dict:
+        response = requests.post(f"{url}/predict/json", json={"image": images[i % 40].tolist()}, timeout=30)
         assert response.status_code == 200, response.text
-        return response.json()["model_version"]
+        assert response.headers["x-request-id"] == response.json()["request_id"]
+        return {**response.json(), "label": int(labels[i % 40])}
 
-    def cli(*args):
+    def cli(*args) -> str:
         """`python -m cifar_ray.registry ... --tracking-uri uri`, run in this process (no second
         interpreter to start: test_cli_errors_are_one_line_exit_2_and_change_nothing runs one);
         what it printed."""
+        import contextlib
+        import io
+
         from cifar_ray.registry import main
 
-        capsys.readouterr()
-        main([*args, "--tracking-uri", uri])
-        return capsys.readouterr().out
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            main([*args, "--tracking-uri", uri])
+        return out.getvalue()
 
     try:
-        assert served_version() == "1"
-        assert "is now champion" in cli("promote", "2", "--force")
-        wait_for(lambda: served_version() == "2", timeout=30)
-        assert "from version 2 to version 1" in cli("rollback")
-        wait_for(lambda: served_version() == "1", timeout=30)
-
-        # a version whose model file was altered (a valid archive, other weights): version 1
-        # keeps serving, /healthz says why
-        registry = Registry(uri)
-        broken = tmp_path / "broken"
-        shutil.copytree(registry.download(registry.version("1"), str(tmp_path / "v1")), broken)
-        alter_one_weight(broken)
-        registry.client.create_model_version(registry.name, source=broken.as_uri(), tags={"run": "broken"})
-        cli("promote", "3", "--force")
-        health = wait_for(lambda: requests.get(f"{url}/healthz", timeout=30).json().get("warning"), timeout=30)
-        assert "version 3" in health and "still serving version 1" in health and "SHA-256" in health
-        assert served_version() == "1"
-        cli("rollback")
-        wait_for(lambda: "warning" not in requests.get(f"{url}/healthz", timeout=30).json(), timeout=30)
-        metadata = requests.get(f"{url}/metadata", timeout=30).json()
-        assert metadata["model_version"] == "1" and metadata["registry_error"] is None
+        yield url, uri, ask, cli
     finally:
         serve.delete("cifar-registry")
         serve.shutdown()
+
+
+def switched(ask, version: str, timeout: float = 30) -> float:
+    """Seconds until the alias move is served, then: every request sent 2 s after the move is
+    answered by `version`, whichever replica takes it."""
+    moved = time.monotonic()
+    wait_for(lambda: ask()["model_version"] == version, timeout=timeout, every=0.1)
+    took = time.monotonic() - moved
+    time.sleep(max(0.0, 2.0 - took))
+    assert {ask(i)["model_version"] for i in range(20)} == {version}
+    return took
+
+
+def test_serve_follows_the_champion_through_promote_rollback_and_a_broken_version(registry_endpoint, tmp_path):
+    url, uri, ask, cli = registry_endpoint
+    assert ask()["model_version"] == "1"
+    assert "is now champion" in cli("promote", "2", "--force")
+    assert switched(ask, "2") < 2.0
+    assert "from version 2 to version 1" in cli("rollback")
+    assert switched(ask, "1") < 2.0
+    registry = Registry(uri)  # moved by MLflow's own client: the same
+    registry.client.set_registered_model_alias(registry.name, "champion", "2")
+    switched(ask, "2")
+    registry.client.set_registered_model_alias(registry.name, "champion", "1")
+    switched(ask, "1")
+
+    # a version whose model file was altered (a valid archive, other weights): version 1
+    # keeps serving, /healthz says why
+    broken = tmp_path / "broken"
+    shutil.copytree(registry.download(registry.version("1"), str(tmp_path / "v1")), broken)
+    alter_one_weight(broken)
+    broken_version = registry.client.create_model_version(registry.name, source=broken.as_uri(),
+                                                          tags={"run": "broken"}).version
+    cli("promote", str(broken_version), "--force")
+    health = wait_for(lambda: requests.get(f"{url}/healthz", timeout=30).json().get("warning"), timeout=30)
+    assert f"version {broken_version}" in health and "still serving version 1" in health and "SHA-256" in health
+    assert ask()["model_version"] == "1"
+    cli("rollback")
+    wait_for(lambda: "warning" not in requests.get(f"{url}/healthz", timeout=30).json(), timeout=30)
+    metadata = requests.get(f"{url}/metadata", timeout=30).json()
+    assert metadata["model_version"] == "1" and metadata["registry_error"] is None
+
+
+def test_feedback_on_any_replica_for_any_answer_and_its_errors(registry_endpoint):
+    url, _, ask, _ = registry_endpoint
+
+    def feedback(body) -> requests.Response:
+        return requests.post(f"{url}/feedback", json=body, timeout=30)
+
+    answers = [ask(i) for i in range(12)]  # two replicas, routed at random: both answered
+    for a in answers:
+        response = feedback({"request_id": a["request_id"], "label": CLASS_NAMES[a["label"]]})
+        assert response.status_code == 200, response.text
+        assert response.json() == {"request_id": a["request_id"], "model_version": "1",
+                                   "correct": a["class_index"] == a["label"]}
+    assert feedback({"request_id": "never-answered", "label": 1}).status_code == 404
+    for label in ("zebra", 10, -1, 2.5, None, True):
+        response = feedback({"request_id": answers[0]["request_id"], "label": label})
+        assert response.status_code == 422 and "label must be" in response.json()["detail"]
+    assert feedback({"label": 1}).status_code == 422
+    response = requests.post(f"{url}/predict/json", json={"images": [make_images(1)[0][0].tolist()] * 3}, timeout=30)
+    ids = [a["request_id"] for a in response.json()]
+    assert ids == [f"{response.headers['x-request-id']}.{n}" for n in range(3)]
+    assert feedback({"request_id": ids[2], "label": 0}).status_code == 200
+
+
+def test_a_worse_canary_takes_its_share_and_is_rolled_back_on_feedback_through_a_replica_kill(
+        registry_endpoint, ray_cluster):
+    import ray
+
+    url, uri, ask, cli = registry_endpoint
+    assert "takes 50% of the requests" in cli("canary", "2", "--percent", "50", "--min-labels", "30")
+    wait_for(lambda: any(ask(i)["model_version"] == "2" for i in range(10)), timeout=30, every=0.1)
+    replica = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                   if "Classifier" in a["name"] and "cifar-registry" in a["name"])
+    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+    served, failed = [], 0
+    deadline = time.monotonic() + 120
+    while Registry(uri).canary() is not None and time.monotonic() < deadline:
+        try:
+            answer = ask(len(served))
+        except (AssertionError, requests.RequestException):
+            failed += 1
+            continue
+        served.append(answer["model_version"])
+        requests.post(f"{url}/feedback", json={"request_id": answer["request_id"], "label": answer["label"]},
+                      timeout=30).raise_for_status()
+    assert Registry(uri).canary() is None, "not decided within 120 s"
+    assert failed <= max(1, len(served) // 100)
+    assert 0.3 < served.count("2") / len(served) < 0.7
+    assert Registry(uri).version("2").tags["canary_decision"].startswith("rollback: live accuracy")
+    switched(ask, "1")
+
+
+def test_a_shadow_answers_a_copy_that_no_client_sees(registry_endpoint):
+    url, uri, ask, cli = registry_endpoint
+    assert "a shadow copy of every request" in cli("canary", "2", "--shadow", "--min-labels", "1000")
+    versions = set()
+
+    def shadow_counted():
+        versions.update(ask(i)["model_version"] for i in range(10))
+        status = cli("canary", "--status")
+        row = next((line.split() for line in status.splitlines() if line.startswith("2 ")), None)
+        return row is not None and int(row[1]) >= 40 and (status, row)
+
+    try:
+        status, row = wait_for(shadow_counted, timeout=60, every=0)
+        assert versions == {"1"} and "shadow since" in status
+        assert 0.0 <= float(row[-1]) <= 1.0  # its agreement with the champion's answers
+    finally:
+        assert "stopped, not promoted" in cli("canary", "--stop")
 
 
 def test_no_champion_yet_is_a_503_that_says_so(tmp_path):

@@ -309,7 +309,7 @@ def test_checkpoint_env_var_overrides_args(monkeypatch, tmp_path):
 
 
 def test_error_bodies_name_what_failed_not_where_files_are():
-    from cifar_ray.serve_deployment import without_paths
+    from cifar_ray.errors import without_paths
 
     assert (without_paths("cannot load checkpoint /data/runs/x/best: /data/runs/x/best/model.keras: cannot be loaded")
             == "cannot load checkpoint best: model.keras: cannot be loaded")
@@ -436,6 +436,8 @@ def test_with_an_api_token_only_requests_that_carry_it_are_answered(endpoint):
         assert post({}, content_type="text/plain").status_code == 401
         for route in ("/metadata", "/model-card"):
             assert requests.get(f"{url}/auth{route}", timeout=30).status_code == 401
+        feedback = requests.post(f"{url}/auth/feedback", json={"request_id": "x", "label": 1}, timeout=30)
+        assert feedback.status_code == 401
         good = {"authorization": "Bearer s3cret-token"}
         assert post(good).status_code == 200
         assert requests.get(f"{url}/auth/metadata", headers=good, timeout=30).status_code == 200
