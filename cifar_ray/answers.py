@@ -22,7 +22,7 @@ from cifar_ray.canary import Arm, wilson_interval
 logger = logging.getLogger("ray.serve")
 MAX_ANSWERS = 100_000  # request ids remembered for feedback
 LATENCIES_KEPT = 20_000  # per version, for p50/p99
-FLUSH_S = 0.05  # how often a replica sends its answers
+FLUSH_S = 0.25  # how often a replica sends its answers
 MAX_UNSENT = 50_000  # a replica's answers waiting to be sent; more are dropped
 
 

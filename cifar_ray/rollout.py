@@ -15,7 +15,7 @@ the traffic or, as a shadow, a copy of it (model_registry.py keeps those setting
 Answers: every answer's request id, version and top class (`record`), the last
 `MAX_ANSWERS`, for POST /feedback on any replica (`feedback`); per version the requests,
 errors, latency, confidence, labelled answers and agreement with the champion since the
-rollout began (`status`), judged every second by canary.py's rule, whose decision this
+rollout began (`status`), judged at every poll by canary.py's rule, whose decision this
 deployment carries out in the registry and keeps as tags on the version.
 """
 
@@ -38,6 +38,7 @@ from cifar_ray.model_registry import REGISTRY_URI, STATUS_TAG
 
 logger = logging.getLogger("ray.serve")
 WATCH_S = 10.0  # longest a replica's watch waits for news
+WATCH_EVERY_S = 0.1  # how often a waiting watch looks for news
 ACTIVATE_AFTER_S = 20.0  # new routes take effect by then even if a replica has not loaded them
 REPLICA_GONE_S = 3 * WATCH_S  # a replica not heard from for this long no longer holds routes back
 FEEDBACK_WAIT_S = 1.0  # an answer given a moment ago may still be on its way from its replica
@@ -157,7 +158,7 @@ class Rollout:
                 if news or time.monotonic() > deadline:
                     return {"generation": self.generation, "active": asdict(self.active),
                             "load": sorted(self.target.versions | self.active.versions), "follows": self.follows}
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(WATCH_EVERY_S)
 
     # --- answers and feedback -------------------------------------------------------------
 
