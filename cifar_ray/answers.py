@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -36,6 +37,7 @@ class Answer(NamedTuple):
     latency_ms: float
     error: bool = False
     shadow: bool = False
+    payload: dict | None = None  # the payload log's row (payload_log.py), for a sampled answer
 
 
 @dataclass
@@ -128,6 +130,17 @@ class AnswerBook:
 
     def summary(self) -> dict:
         return {v: r.summary() for v, r in self.records.items()}
+
+
+def shadow_answers(model, images: np.ndarray, request_ids: list[str], tta, record) -> None:
+    """A shadow's answers to a copy of the requests (on a compute thread, after the client
+    got its own): each `record`ed, none ever sent to a client."""
+    started = time.perf_counter()
+    probabilities = model.predict(images, tta)
+    latency_ms = (time.perf_counter() - started) * 1000
+    for request_id, p in zip(request_ids, probabilities):
+        label = int(np.argmax(p))
+        record(Answer(request_id, model.version, label, float(p[label]), latency_ms, shadow=True))
 
 
 class AnswerOutbox:

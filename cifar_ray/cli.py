@@ -26,7 +26,8 @@ STAGES = {
     "evaluate": "score a checkpoint on labelled images: accuracy per class, figures, model card",
     "predict": "batch predictions for a folder of images, written as Parquet",
     "serve": "serve the champion model (or a checkpoint) over HTTP with Ray Serve",
-    "registry": "the registered model's versions: list, show, promote, rollback, register",
+    "registry": "the registered model's versions: list, show, promote, rollback, canary, register",
+    "feedback": "labelled answers from the payload log as training data (feedback export)",
 }
 
 EXAMPLES = """examples:
@@ -36,6 +37,8 @@ EXAMPLES = """examples:
   cifar-ray evaluate --checkpoint <run>/epoch_0010 --data <parquet folder> --out report/
   cifar-ray serve                                   # the registry's champion on :8000
   cifar-ray registry list
+  cifar-ray registry canary 4 --percent 10           # decided on live feedback
+  cifar-ray feedback export --from runs/payload_log --out data/feedback
 
 `cifar-ray <stage> --help` lists a stage's flags. `python -m cifar_ray.<stage>` is the same."""
 
@@ -127,9 +130,18 @@ def add_canary_flags(p: argparse.ArgumentParser) -> None:
                           default=f.default, help=f"{f.metadata['help']} (default: {f.default})")
 
 
+def add_feedback_flags(parser: argparse.ArgumentParser) -> None:
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("export", help="labelled images of the payload log as a Parquet folder (image, label)")
+    p.add_argument("--from", dest="source", required=True, help="the payload log: serve_config.yaml's "
+                                                                "payload_log_path (default <storage-path>/payload_log)")
+    p.add_argument("--out", required=True, help="folder or URI to write; --data of train and evaluate reads it")
+
+
 FLAGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "train": add_train_flags, "tune": add_tune_flags, "evaluate": add_evaluate_flags,
     "predict": add_predict_flags, "serve": add_serve_flags, "registry": add_registry_flags,
+    "feedback": add_feedback_flags,
 }
 
 

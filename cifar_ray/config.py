@@ -150,6 +150,11 @@ class ServeConfig:
                                  "with Retry-After: 1")
     top_k: int = _f(3, "class probabilities returned per image, unless ?top_k= says otherwise")
     tta: Optional[bool] = _f(None, "test-time augmentation, 6x the compute per image (default: the checkpoint's)")
+    payload_log_path: Optional[str] = _f(None, "where answers are logged as Parquet (payload_log.py), a folder or "
+                                         "URI (default: <storage-path>/payload_log)")
+    payload_log_sample: float = _f(0.01, "share of answers logged (0: no payload log)")
+    payload_log_images: bool = _f(False, "log the image of each logged answer (32x32 PNG), not only its SHA-256: "
+                                  "only with consent to keep what users send")
 
 
 @dataclass(frozen=True)
@@ -272,26 +277,6 @@ def _section_from_dict(cls: type, d: dict) -> Any:
 
 def flatten(nested: dict) -> dict:
     return {k: v for section in nested.values() for k, v in section.items()}
-
-
-def with_global_batch(cfg: Config) -> Config:
-    """Resolve the global batch (--per-worker-batch-size x workers) and scale the LR to it.
-
-    Linear scaling (Goyal et al., 2017): an LR tuned for a global batch of --lr-batch-size
-    is multiplied by global batch / lr-batch-size. The resolved values replace the inputs,
-    so resolving twice changes nothing and checkpoints record what was actually used.
-    """
-    t, workers = cfg.train, cfg.scaling.num_workers
-    batch = t.per_worker_batch_size * workers if t.per_worker_batch_size else t.batch_size
-    if batch % workers:
-        raise ValueError(f"global batch {batch} does not split evenly across {workers} workers")
-    if t.steps_per_execution > 1 and workers > 1:
-        # Keras 3's multi-step loop fails under MultiWorkerMirroredStrategy (InvalidArgumentError
-        # in the while loop's cond, measured with 2 workers); one step per call works.
-        raise ValueError("--steps-per-execution above 1 needs --num-workers 1")
-    lr = t.lr * batch / t.lr_batch_size if t.lr_batch_size else t.lr
-    return cfg.with_overrides({"batch_size": batch, "per_worker_batch_size": None,
-                               "lr": lr, "lr_batch_size": None})
 
 
 def with_recipe(cfg: Config, model: str) -> Config:

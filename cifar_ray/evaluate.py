@@ -21,6 +21,7 @@ import numpy as np
 from cifar_ray import report
 from cifar_ray.calibration import TEMPERATURE_KEY, apply_temperature, cross_fitted, fit_temperature, temperature_of
 from cifar_ray.checkpoint import METADATA_FILE, load_checkpoint, local_checkpoint, read_metadata
+from cifar_ray.drift import REFERENCE_KEY, reference_of
 from cifar_ray.storage import write_file
 from cifar_ray.tta import predict_with_tta, tta_of
 
@@ -176,10 +177,12 @@ def predicted_batches(ds, checkpoint: str, num_actors: int, tta: bool, raw: bool
 def calibrate_checkpoint(checkpoint: str, metadata: dict, labels: np.ndarray,
                          raw: np.ndarray) -> tuple[dict, dict]:
     """Fit the temperature on (labels, raw probabilities) and store it in the checkpoint's
-    metadata.json. Returns (the new metadata, what calibration did to the ECE)."""
+    metadata.json, with the drift reference of the calibrated answers (drift.py). Returns
+    (the new metadata, what calibration did to the ECE)."""
     temperature = fit_temperature(labels, raw)
-    if metadata.get(TEMPERATURE_KEY) != temperature:  # a rerun of a finished run fits the same
-        metadata = {**metadata, TEMPERATURE_KEY: temperature}
+    reference = reference_of(apply_temperature(raw, temperature))  # what Serve's answers look like (drift.py)
+    if metadata.get(TEMPERATURE_KEY) != temperature or metadata.get(REFERENCE_KEY) != reference:
+        metadata = {**metadata, TEMPERATURE_KEY: temperature, REFERENCE_KEY: reference}
         write_file(checkpoint, METADATA_FILE, json.dumps(metadata, indent=2).encode())
     return metadata, {
         "temperature": temperature,

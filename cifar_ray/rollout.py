@@ -29,12 +29,13 @@ import time
 from dataclasses import asdict, dataclass
 
 from ray import serve
-from ray.serve.metrics import Gauge
+from ray.serve.metrics import Counter, Gauge
 
 from cifar_ray.answers import Answer, AnswerBook
 from cifar_ray.canary import Rule, decide
 from cifar_ray.errors import first_line
 from cifar_ray.model_registry import REGISTRY_URI, STATUS_TAG
+from cifar_ray.payload_log import PayloadLog
 
 logger = logging.getLogger("ray.serve")
 WATCH_S = 10.0  # longest a replica's watch waits for news
@@ -64,7 +65,8 @@ class Routes:
 @serve.deployment(name="Rollout", num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0},
                   logging_config={"enable_access_log": False})
 class Rollout:
-    def __init__(self, source: str, tracking_uri: str | None, poll_interval_s: float = 0.5):
+    def __init__(self, source: str, tracking_uri: str | None, poll_interval_s: float = 0.5,
+                 payload_log_path: str | None = None):
         reference = REGISTRY_URI.match(source)
         self.follows = bool(reference and reference["alias"] and tracking_uri)
         self.tracking_uri, self.poll_interval_s = tracking_uri, poll_interval_s
@@ -78,15 +80,30 @@ class Rollout:
         self.share = Gauge("cifar_ray_traffic_share", "share of the prediction requests each model version "
                            "answers (role: champion or candidate; shadow: a copy of every request)",
                            tag_keys=("model_version", "role"))
+        self.feedback_count = Counter("cifar_ray_feedback", "labels posted to /feedback, by the version that "
+                                      "answered and whether it was right", tag_keys=("model_version", "correct"))
+        self.payload = None
+        if payload_log_path:
+            dropped = Counter("cifar_ray_payload_rows_dropped", "payload log rows dropped: buffer full or storage failing")
+            self.payload = PayloadLog(payload_log_path, on_drop=dropped.inc)
         self.stop = threading.Event()
+        if self.payload:
+            threading.Thread(target=self._write_payloads, name="payload-log", daemon=True).start()
         if self.follows:
             from cifar_ray.model_registry import Registry
 
             self.registry = Registry(tracking_uri, reference["name"])
             threading.Thread(target=self._follow_registry, name="follow-registry", daemon=True).start()
 
-    def __del__(self):
+    def __del__(self):  # Serve calls it when the replica stops: the payload log's last rows go out
         self.stop.set()
+        if self.payload:
+            self.payload.flush()
+
+    def _write_payloads(self) -> None:
+        while not self.stop.wait(0.5):
+            if self.payload.due():
+                self.payload.flush()
 
     # --- routes ---------------------------------------------------------------------------
 
@@ -166,6 +183,10 @@ class Rollout:
         """Answers from a replica (answers.py)."""
         with self.lock:
             self.book.add(answers)
+        if self.payload:
+            for a in answers:
+                if a.payload:
+                    self.payload.add(a.payload)
 
     async def feedback(self, request_id: str, label: int) -> dict | None:
         """The true label of an answer: {"request_id", "model_version", "correct"}, or None
@@ -174,7 +195,13 @@ class Rollout:
         while not self.book.knows(request_id) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         with self.lock:
-            return self.book.label(request_id, label)
+            found = self.book.label(request_id, label)
+        if found is not None:
+            self.feedback_count.inc(tags={"model_version": found["model_version"], "correct": str(found["correct"]).lower()})
+            if self.payload:
+                self.payload.add({"kind": "feedback", "request_id": request_id, "model_version": found["model_version"],
+                                  "label": label})
+        return found
 
     # --- the canary's decision ------------------------------------------------------------
 

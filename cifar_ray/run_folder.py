@@ -93,3 +93,23 @@ def log_audit_to_tensorboard(run_dir: str, audited: str, epoch: int, audit: dict
         writer.close()
     except Exception as e:  # TensorBoard is a view: never lose a run over it
         print(f"TensorBoard: could not log the audit ({first_line(e)})", flush=True)
+
+
+def with_global_batch(cfg: Config) -> Config:
+    """Resolve the global batch (--per-worker-batch-size x workers) and scale the LR to it.
+
+    Linear scaling (Goyal et al., 2017): an LR tuned for a global batch of --lr-batch-size
+    is multiplied by global batch / lr-batch-size. The resolved values replace the inputs,
+    so resolving twice changes nothing and checkpoints record what was actually used.
+    """
+    t, workers = cfg.train, cfg.scaling.num_workers
+    batch = t.per_worker_batch_size * workers if t.per_worker_batch_size else t.batch_size
+    if batch % workers:
+        raise ValueError(f"global batch {batch} does not split evenly across {workers} workers")
+    if t.steps_per_execution > 1 and workers > 1:
+        # Keras 3's multi-step loop fails under MultiWorkerMirroredStrategy (InvalidArgumentError
+        # in the while loop's cond, measured with 2 workers); one step per call works.
+        raise ValueError("--steps-per-execution above 1 needs --num-workers 1")
+    lr = t.lr * batch / t.lr_batch_size if t.lr_batch_size else t.lr
+    return cfg.with_overrides({"batch_size": batch, "per_worker_batch_size": None,
+                               "lr": lr, "lr_batch_size": None})

@@ -47,13 +47,16 @@ def serving_config(cfg: Config) -> tuple[ServeConfig, str | None]:
 
     CIFAR_RAY_CHECKPOINT overrides the checkpoint. Relative paths are made absolute here,
     where `serve run` was started; the tracking URI is only needed for a models:/ source.
+    The payload log goes to <storage-path>/payload_log unless payload_log_path says where.
     """
     from cifar_ray.tracking import tracking_uri
 
     checkpoint = os.environ.get(CHECKPOINT_ENV) or cfg.serve.checkpoint
     from_registry = bool(REGISTRY_URI.match(checkpoint))
     checkpoint = checkpoint if from_registry else absolute(checkpoint)
-    return replace(cfg.serve, checkpoint=checkpoint), tracking_uri(cfg) if from_registry else None
+    payload_log = absolute(cfg.serve.payload_log_path or f"{cfg.run.storage_path.rstrip('/')}/payload_log")
+    return (replace(cfg.serve, checkpoint=checkpoint, payload_log_path=payload_log),
+            tracking_uri(cfg) if from_registry else None)
 
 
 def app(args: dict) -> serve.Application:
@@ -73,7 +76,8 @@ def application(cfg: ServeConfig, tracking_uri: str | None, options: dict | None
                        + " ".join(f"{k}={v}" for k, v in FAST_INGRESS_ENV.items()))
     user_config = {"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
                    "tta": cfg.tta}
-    rollout = Rollout.bind(cfg.checkpoint, tracking_uri, cfg.poll_interval_s)
+    payload_log = cfg.payload_log_path if cfg.payload_log_sample > 0 else None
+    rollout = Rollout.bind(cfg.checkpoint, tracking_uri, cfg.poll_interval_s, payload_log)
     return Classifier.options(**{"user_config": user_config, **(options or {})}).bind(cfg, tracking_uri, rollout)
 
 

@@ -9,6 +9,7 @@ Endpoints (OpenAPI docs at /docs):
     GET  /model-card     the served model's MODEL_CARD.md
 
     POST /feedback       {"request_id": "...", "label": 3 or "cat"}: the true label of an answer
+    GET  /drift          whether the last answers still look like the model's on its own data
 
 Every answer names its `model_version` and its `request_id`. A replica serving
 `models:/...@champion` answers as the Rollout deployment says (rollout.py): the champion,
@@ -25,8 +26,8 @@ replica down (serve_input.py). Prometheus metrics: serve_metrics.py.
 # No `from __future__ import annotations` here: FastAPI reads the routes' annotations, and
 # as strings, under Serve's ingress wrapper, `request: Request` was taken for a query field.
 import asyncio
-import hmac
 import logging
+import random
 import os
 import threading
 import time
@@ -45,8 +46,11 @@ from ray.serve.context import _get_serve_request_context
 from cifar_ray.config import ServeConfig
 from cifar_ray.errors import without_paths
 from cifar_ray.live_model import LiveModel
-from cifar_ray.answers import Answer, AnswerOutbox
-from cifar_ray.serve_input import decode_upload, parse_feedback, parse_json_images, read_body, read_image_bytes
+from cifar_ray.answers import Answer, AnswerOutbox, shadow_answers
+from cifar_ray.drift import REFERENCE_KEY, DriftWatch
+from cifar_ray.payload_log import answer_row
+from cifar_ray.serve_input import (check_token, decode_upload, parse_feedback, parse_json_images, read_body,
+                                   read_image_bytes)
 from cifar_ray.serve_metrics import CountAnswers, ServeMetrics
 
 logger = logging.getLogger("ray.serve")
@@ -54,6 +58,7 @@ logger = logging.getLogger("ray.serve")
 # `Authorization: Bearer <token>` on the prediction and metadata routes; /healthz stays open.
 TOKEN_ENV = "CIFAR_RAY_API_TOKEN"
 COMPUTE_THREADS = 2  # batches in flight per replica: one computing while the next one forms
+DRIFT_EVERY_S = 5.0  # how often the drift gauges are renewed
 
 PAGE_HTML = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")  # GET /
 api = FastAPI(title="cifar-ray", description="CIFAR-10 image classification")
@@ -92,9 +97,17 @@ class Classifier:
         self.live.refresh()
         self.stop = threading.Event()
         self.answers = AnswerOutbox(rollout, self.stop) if rollout is not None else None
+        self.drift = DriftWatch()
+        threading.Thread(target=self._watch_drift, name="drift", daemon=True).start()
         if self.live.follows_registry and rollout is not None:
             threading.Thread(target=self.live.follow, args=(rollout, self.stop), name="follow-rollout",
                              daemon=True).start()
+
+    def _watch_drift(self) -> None:
+        """The drift gauges of each version this replica answers with, renewed regularly."""
+        while not self.stop.wait(DRIFT_EVERY_S):
+            for model in {id(m): m for m in (self.live.current, self.live.candidate) if m}.values():
+                self._drift_of(model)
 
     def __del__(self):
         self.stop.set()
@@ -155,33 +168,34 @@ class Classifier:
     @api.post("/predict")
     async def predict(self, request: Request, top_k: int | None = Query(None, ge=1, le=10)) -> dict:
         """Classify one image, uploaded as multipart form field `file` or as raw bytes."""
-        self._require_token(request)
+        check_token(request, self.token)
         self._require_ready()
         start = begun = time.perf_counter()
         data = await read_image_bytes(request, self.cfg.max_body_bytes, self.cfg.body_timeout_s)
         start = self.metrics.observe("read", start)
         image = await self._off_loop(decode_upload, data)
         queued_at = self.metrics.observe("decode", start)
-        return self._answer(*await self._classify(image[None], queued_at), top_k, image[None], begun)[0]
+        source = (len(data), request.headers.get("content-type", "").split(";")[0] or "unknown")
+        return self._answer(*await self._classify(image[None], queued_at), top_k, image[None], begun, source)[0]
 
     @api.post("/predict/json")
     async def predict_json(self, request: Request, top_k: int | None = Query(None, ge=1, le=10)) -> Any:
         """Classify `{"image": HxWx3 lists}` (one answer) or `{"images": [...]}` (a list)."""
-        self._require_token(request)
+        check_token(request, self.token)
         self._require_ready()
         start = begun = time.perf_counter()
         body = await read_body(request, self.cfg.max_body_bytes, self.cfg.body_timeout_s)
         start = self.metrics.observe("read", start)
         images, single = await self._off_loop(parse_json_images, body)
         queued_at = self.metrics.observe("decode", start)
-        answers = self._answer(*await self._classify(images, queued_at), top_k, images, begun)
+        answers = self._answer(*await self._classify(images, queued_at), top_k, images, begun, (len(body), "json"))
         return answers[0] if single else answers
 
     @api.post("/feedback")
     async def feedback(self, request: Request) -> dict:
         """The true label of an answer: `{"request_id": "...", "label": 3 or "cat"}`. Answers
         whether the model got it right; any replica takes feedback for any replica's answer."""
-        self._require_token(request)
+        check_token(request, self.token)
         body = await read_body(request, 10_000, self.cfg.body_timeout_s)
         request_id, label = parse_feedback(body)
         if self.answers is None:
@@ -192,6 +206,14 @@ class Classifier:
             raise HTTPException(404, f"no answer with request_id {request_id!r} is remembered here")
         return found
 
+    @api.get("/drift")
+    async def get_drift(self, request: Request) -> dict:
+        """Whether the last answers still look like the served model's answers on images like
+        its training data: {"drifting", "p_value", "score", "window", "model_version"} (drift.py)."""
+        check_token(request, self.token)
+        self._require_ready()
+        return self._drift_of(self.live.current)
+
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> str:
         """A page to try the model in a browser; it calls /predict like any other client."""
@@ -200,7 +222,7 @@ class Classifier:
     @api.get("/model-card", response_class=PlainTextResponse)
     async def model_card(self, request: Request) -> str:
         """The served model's MODEL_CARD.md (Markdown): data, metrics per class, limits."""
-        self._require_token(request)
+        check_token(request, self.token)
         self._require_ready()
         if not self.live.current.model_card:
             raise HTTPException(404, "this model's checkpoint carries no MODEL_CARD.md")
@@ -218,7 +240,7 @@ class Classifier:
 
     @api.get("/metadata")
     async def get_metadata(self, request: Request) -> dict:
-        self._require_token(request)
+        check_token(request, self.token)
         self._require_ready()
         model = self.live.current
         m = model.metadata
@@ -229,15 +251,6 @@ class Classifier:
 
     # --- helpers ------------------------------------------------------------------------
 
-    def _require_token(self, request: Request) -> None:
-        """401, before anything is read or computed, unless the request carries the API token
-        (when one is set). Compared in constant time."""
-        if self.token is None:
-            return
-        given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, f"Bearer {self.token}".encode()):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-
     def _require_ready(self) -> None:
         if self.live.current is None:
             raise HTTPException(503, without_paths(self.live.error) or "loading")
@@ -246,11 +259,17 @@ class Classifier:
         """Run `function(*args)` on the compute threads, so the event loop stays free."""
         return await asyncio.get_running_loop().run_in_executor(self.compute, function, *args)
 
+    def _drift_of(self, model) -> dict:
+        report = self.drift.report(model.version, model.metadata.get(REFERENCE_KEY))
+        self.metrics.drifted(model.version, report["score"], report["drifting"])
+        return report
+
     def _answer(self, probabilities: np.ndarray, model, shadow, top_k: int | None, images: np.ndarray,
-                begun: float) -> list[dict]:
+                begun: float, source: tuple[int, str]) -> list[dict]:
         """The JSON answers, each with its request_id, the id /feedback takes: Serve's own id of
         the HTTP request (its x-request-id header, in its logs), `ID.0`, `ID.1`... for a list.
-        Each is recorded for the Rollout deployment; a shadow's copy is computed after them."""
+        Each is recorded for the Rollout deployment (a sample with its payload log row) and
+        watched for drift; a shadow's copy is computed after them."""
         names = model.metadata["class_names"]
         k = top_k or self.cfg.top_k
         latency_ms = (time.perf_counter() - begun) * 1000
@@ -267,18 +286,14 @@ class Classifier:
                 "request_id": f"{request_id}.{n}" if len(probabilities) > 1 else request_id,
             })
             if self.answers is not None:
+                sampled = random.random() < self.cfg.payload_log_sample
+                row = answer_row(answers[-1], latency_ms, source, images[n], self.cfg.payload_log_images) \
+                    if sampled else None
                 self.answers.add(Answer(answers[-1]["request_id"], model.version, int(ranked[0]), float(p[ranked[0]]),
-                                        latency_ms))
+                                        latency_ms, payload=row))
         self.metrics.predicted([a["class_name"] for a in answers], model.version)
+        self.drift.observe(model.version, probabilities.max(1).tolist(), probabilities.argmax(1).tolist())
         if shadow is not None and self.answers is not None:
-            self.compute.submit(self._shadow, shadow, images, [a["request_id"] for a in answers])
+            self.compute.submit(shadow_answers, shadow, images, [a["request_id"] for a in answers], self.tta,
+                                self.answers.add)
         return answers
-
-    def _shadow(self, model, images: np.ndarray, request_ids: list[str]) -> None:
-        """A shadow's answers to a copy of the requests: recorded, never sent to a client."""
-        started = time.perf_counter()
-        probabilities = model.predict(images, self.tta)
-        latency_ms = (time.perf_counter() - started) * 1000
-        for request_id, p in zip(request_ids, probabilities):
-            label = int(np.argmax(p))
-            self.answers.add(Answer(request_id, model.version, label, float(p[label]), latency_ms, shadow=True))

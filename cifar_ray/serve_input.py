@@ -8,6 +8,7 @@ threads.
 """
 
 import asyncio
+import hmac
 import json
 from typing import Any
 
@@ -19,6 +20,16 @@ from cifar_ray.config import CLASS_NAMES, IMAGE_SHAPE
 
 IMAGE_TYPES = ("image/", "application/octet-stream")
 CLOSE = {"Connection": "close"}  # the answer ends the connection
+
+
+def check_token(request: Request, token: str | None) -> None:
+    """401, before anything is read or computed, unless the request carries the API token
+    (when one is set). Compared in constant time."""
+    if token is None:
+        return
+    given = request.headers.get("authorization", "").encode()
+    if not hmac.compare_digest(given, f"Bearer {token}".encode()):
+        raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
 
 def reject_constant(name: str) -> None:

@@ -37,6 +37,11 @@ class ServeMetrics:
                                       boundaries=IMAGE_COUNT_BOUNDARIES)
         self.model_version = Gauge("cifar_ray_model_version", "1 for the model version this replica serves",
                                    tag_keys=("model_version", "model"))
+        self.drift_score = Gauge("cifar_ray_drift_score", "Kolmogorov-Smirnov statistic of the last answers' top-1 "
+                                 "probability against the version's reference (drift.py): 0 alike, 1 unlike",
+                                 tag_keys=("model_version",))
+        self.drift_alarm = Gauge("cifar_ray_drift_alarm", "1 while the last answers drift from the version's "
+                                 "reference", tag_keys=("model_version",))
         self._served: dict | None = None
         self._renewed = 0.0
 
@@ -52,6 +57,10 @@ class ServeMetrics:
     def predicted(self, class_names: list[str], model_version: str) -> None:
         for name, count in collections.Counter(class_names).items():  # one call per class, not per image
             self.predictions.inc(count, tags={"class_name": name, "model_version": model_version})
+
+    def drifted(self, model_version: str, score: float, drifting: bool) -> None:
+        self.drift_score.set(score, tags={"model_version": model_version})
+        self.drift_alarm.set(float(drifting), tags={"model_version": model_version})
 
     def serving(self, model_version: str, model: str) -> None:
         """Mark the version now served (1) and the one it replaced (0).

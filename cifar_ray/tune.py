@@ -37,11 +37,11 @@ from pathlib import Path
 
 import yaml
 
-from cifar_ray.config import Config, choices_of, with_global_batch
+from cifar_ray.config import Config, choices_of
 from cifar_ray.flags import config_from_args
 from cifar_ray.data import DataInfo
 from cifar_ray.leaderboard import write_experiment_outputs
-from cifar_ray.run_folder import SCORE_METRIC
+from cifar_ray.run_folder import SCORE_METRIC, with_global_batch
 from cifar_ray.search import make_scheduler, make_search, parse_search_space, trial_config
 
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import make_images, write_parquet_folder
 
 STAGES = {"train": "--num-workers", "evaluate": "--tta", "predict": "--out", "tune": "--num-samples",
-          "serve": "--max-batch-size", "registry": "rollback"}
+          "serve": "--max-batch-size", "registry": "canary", "feedback": "export"}
 
 
 def cli(stage, *args, env=None, timeout=240):

@@ -82,8 +82,8 @@ def test_reported_validation_metrics_are_global(two_worker_run):
 
 def test_the_best_checkpoint_carries_its_temperature_and_predictions_apply_it(two_worker_run):
     """The end of the run fitted a temperature on the validation split, stored it in the
-    best checkpoint, and audited the calibrated probabilities; Predictor (evaluate,
-    predict, the gate) applies it."""
+    best checkpoint with the drift reference of the calibrated answers, and audited them;
+    Predictor (evaluate, predict, the gate) applies it."""
     import json
 
     from cifar_ray.calibration import apply_temperature
@@ -103,6 +103,12 @@ def test_the_best_checkpoint_carries_its_temperature_and_predictions_apply_it(tw
     assert calibration["ece_before"] == pytest.approx(expected_calibration_error(batch["label"], raw), abs=1e-6)
     audit = json.loads((best / "metrics.json").read_text())
     assert audit["ece"] == pytest.approx(expected_calibration_error(batch["label"], calibrated), abs=1e-6)
+    # beside it, the drift reference: what the served answers look like on these images (drift.py)
+    reference = read_metadata(best)["drift_reference"]
+    assert reference["images"] == len(batch["label"])
+    np.testing.assert_allclose(sorted(reference["top1"]), np.sort(calibrated.max(1)), atol=1e-4)
+    np.testing.assert_allclose(reference["class_shares"], np.bincount(calibrated.argmax(1), minlength=10) /
+                               len(batch["label"]), atol=1e-4)
     assert "before temperature scaling" in (best / "MODEL_CARD.md").read_text()
 
 
@@ -172,7 +178,7 @@ def tiny_trainer(tmp_path, num_train: int, **overrides):
     """make_trainer on a one-image dataset that claims `num_train` training images."""
     import ray.data
 
-    from cifar_ray.config import with_global_batch
+    from cifar_ray.run_folder import with_global_batch
     from cifar_ray.data import DataInfo
     from cifar_ray.tracking import EpochLogger
     from cifar_ray.train import make_trainer
@@ -257,7 +263,8 @@ def test_precision_policy(monkeypatch, mixed, gpu, native_bf16, expected):
 
 
 def test_global_batch_and_linear_lr_scaling():
-    from cifar_ray.config import with_global_batch, with_recipe
+    from cifar_ray.config import with_recipe
+    from cifar_ray.run_folder import with_global_batch
 
     cfg = with_recipe(PRESETS["default"], "fast_resnet")  # lr 1.5 tuned for a global batch of 1024
     four_gpus = with_global_batch(cfg.with_overrides({"num_workers": 4, "per_worker_batch_size": 512}))

@@ -1,0 +1,88 @@
+"""The payload log (payload_log.py) and its export as training data (feedback.py), in this
+process. Through Serve: test_registry.py's feedback test."""
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+
+from cifar_ray import payload_log
+from cifar_ray.errors import DataSourceError
+from cifar_ray.feedback import export
+from cifar_ray.payload_log import SCHEMA, PayloadLog, describe_input
+from conftest import make_images
+
+
+def answer(request_id: str, image=None, version: str = "1") -> dict:
+    row = {"kind": "answer", "request_id": request_id, "model_version": version, "top_classes": ["cat", "dog"],
+           "top_probabilities": [0.7, 0.2], "latency_ms": 5.0, "input_bytes": 900, "input_format": "image/jpeg"}
+    return {**row, **describe_input(image, keep_image=True)} if image is not None else row
+
+
+def feedback(request_id: str, label: int) -> dict:
+    return {"kind": "feedback", "request_id": request_id, "model_version": "1", "label": label}
+
+
+def test_rows_are_flushed_as_one_dataset_partitioned_by_date(tmp_path):
+    log = PayloadLog(str(tmp_path / "log"))
+    images, _ = make_images(2)
+    log.add(answer("a", images[0]))
+    log.add(answer("b"))
+    assert log.flush() == 2
+    log.add(feedback("a", 3))
+    log.flush()
+    table = ds.dataset(tmp_path / "log", format="parquet", partitioning="hive").to_table()
+    assert table.num_rows == 3 and set(SCHEMA.names) <= set(table.column_names) and "date" in table.column_names
+    rows = {(r["kind"], r["request_id"]): r for r in table.to_pylist()}
+    assert rows["answer", "a"]["image_sha256"] == describe_input(images[0], False)["image_sha256"]
+    assert rows["answer", "a"]["image"][:4] == b"\x89PNG" and rows["answer", "b"]["image"] is None
+    assert rows["feedback", "a"]["label"] == 3 and rows["answer", "a"]["top_classes"] == ["cat", "dog"]
+    assert len(list((tmp_path / "log").glob("date=*/part-*.parquet"))) == 2
+    assert log.written == 3 and log.dropped == 0 and not log.due()
+
+
+def test_storage_that_fails_and_a_full_buffer_drop_rows_and_count_them(tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("not a folder")
+    counted = []
+    log = PayloadLog(str(tmp_path / "a-file" / "log"), on_drop=counted.append)
+    log.add(answer("a"))
+    log.add(answer("b"))
+    assert log.flush() == 2  # tried, failed, dropped: nothing raised
+    assert (log.dropped, log.written, sum(counted)) == (2, 0, 2)
+    monkeypatch.setattr(payload_log, "MAX_BUFFERED", 3)
+    log = PayloadLog(str(tmp_path / "log"), on_drop=counted.append)
+    for i in range(5):
+        log.add(answer(str(i)))
+    assert log.dropped == 2 and log.flush() == 3 and log.written == 3
+
+
+def test_export_keeps_labelled_logged_images_once_each_the_latest_label_winning(tmp_path, ray_cluster):
+    from cifar_ray.data import read_source
+
+    images, _ = make_images(3, seed=4)
+    log = PayloadLog(str(tmp_path / "log"))
+    log.add(answer("a", images[0]))
+    log.add(answer("b", images[1]))
+    log.add(answer("c", images[1]))  # the same picture again
+    log.add(answer("d"))  # labelled, but its image was not kept
+    log.add(answer("e", images[2]))  # kept, never labelled
+    log.flush()
+    for request_id, label in (("a", 1), ("b", 2), ("c", 7), ("d", 4), ("unknown", 5)):
+        log.add(feedback(request_id, label))
+    log.flush()
+    counts = export(str(tmp_path / "log"), str(tmp_path / "out"))
+    assert counts == {"answers_logged": 4, "feedback": 5, "labelled_with_image": 3, "images": 2}
+    rows = read_source(str(tmp_path / "out")).take_all()
+    by_label = sorted(int(r["label"]) for r in rows)
+    assert by_label == [1, 7]  # image 1 once, with the label of its later answer
+    pixels = {int(r["label"]): np.asarray(r["image"]) for r in rows}
+    assert np.array_equal(pixels[1], images[0]) and np.array_equal(pixels[7], images[1])
+
+
+def test_export_without_labelled_images_is_one_line(tmp_path):
+    with pytest.raises(DataSourceError, match="no payload log there"):
+        export(str(tmp_path / "none"), str(tmp_path / "out"))
+    log = PayloadLog(str(tmp_path / "log"))
+    log.add(answer("a"))
+    log.flush()
+    with pytest.raises(DataSourceError, match="no logged image has feedback yet"):
+        export(str(tmp_path / "log"), str(tmp_path / "out"))
