@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
+from cifar_ray.config import IMAGE_SHAPE
 from cifar_ray.errors import first_line
 from cifar_ray.storage import filesystem
 
@@ -69,11 +70,23 @@ def describe_input(image: np.ndarray, keep_image: bool) -> dict:
 
 def answer_row(answer: dict, latency_ms: float, source: tuple[int, str], image: np.ndarray,
                keep_image: bool) -> dict:
-    """The row of one answer: `source` is (request body bytes, content type or "json")."""
+    """The row of one answer, as a replica sends it: `source` is (request body bytes, content
+    type or "json"). Its image travels as raw pixels; the writer hashes them and encodes the
+    PNG when it flushes (`_described`), off the replica's event loop."""
     return {"kind": "answer", "request_id": answer["request_id"], "model_version": answer["model_version"],
             "top_classes": [t["class_name"] for t in answer["top_k"]],
             "top_probabilities": [t["probability"] for t in answer["top_k"]], "latency_ms": latency_ms,
-            "input_bytes": source[0], "input_format": source[1], **describe_input(image, keep_image)}
+            "input_bytes": source[0], "input_format": source[1], "pixels": np.ascontiguousarray(image).tobytes(),
+            "keep_image": keep_image}
+
+
+def _described(row: dict) -> dict:
+    """A row as written: raw pixels (answer_row) become their SHA-256 and, if kept, a PNG."""
+    if "pixels" not in row:
+        return row
+    row = dict(row)
+    image = np.frombuffer(row.pop("pixels"), np.uint8).reshape(IMAGE_SHAPE)
+    return {**row, **describe_input(image, row.pop("keep_image"))}
 
 
 class PayloadLog:
@@ -110,7 +123,7 @@ class PayloadLog:
             return 0
         import pyarrow.parquet as pq
 
-        table = pa.Table.from_pylist(rows, schema=SCHEMA)
+        table = pa.Table.from_pylist([_described(r) for r in rows], schema=SCHEMA)
         dates = [r["time"].strftime("%Y-%m-%d") for r in rows]
         for date in sorted(set(dates)):
             part = table.filter(pa.array([d == date for d in dates])) if len(set(dates)) > 1 else table

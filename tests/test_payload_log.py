@@ -86,3 +86,19 @@ def test_export_without_labelled_images_is_one_line(tmp_path):
     log.flush()
     with pytest.raises(DataSourceError, match="no logged image has feedback yet"):
         export(str(tmp_path / "log"), str(tmp_path / "out"))
+
+
+def test_a_replicas_row_is_hashed_and_encoded_when_written(tmp_path):
+    from cifar_ray.payload_log import answer_row
+
+    images, _ = make_images(2, seed=7)
+    answer = {"request_id": "r", "model_version": "2", "top_k": [{"class_name": "cat", "probability": 0.9}]}
+    log = PayloadLog(str(tmp_path / "log"))
+    log.add(answer_row(answer, 3.0, (1234, "image/png"), images[0], keep_image=True))
+    log.add(answer_row({**answer, "request_id": "s"}, 3.0, (99, "json"), images[1], keep_image=False))
+    log.flush()
+    rows = {r["request_id"]: r for r in ds.dataset(tmp_path / "log", format="parquet", partitioning="hive")
+            .to_table().to_pylist()}
+    assert rows["r"]["image"] == describe_input(images[0], True)["image"] and rows["s"]["image"] is None
+    assert rows["s"]["image_sha256"] == describe_input(images[1], False)["image_sha256"]
+    assert (rows["r"]["input_bytes"], rows["r"]["input_format"], rows["r"]["top_classes"]) == (1234, "image/png", ["cat"])
