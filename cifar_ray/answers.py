@@ -108,6 +108,14 @@ class AnswerBook:
         while len(self.answers) > MAX_ANSWERS:
             self.answers.popitem(last=False)
 
+    def remember(self, logged: list[tuple[str, str, int, int | None]]) -> None:
+        """Answers read back from the payload log (payload_log.recent_answers), oldest first:
+        feedback for them is taken again, and an answer already labelled is not counted twice."""
+        for request_id, version, label, truth in logged[-MAX_ANSWERS:]:
+            self.answers[request_id] = Given(version, label, truth=truth)
+        while len(self.answers) > MAX_ANSWERS:
+            self.answers.popitem(last=False)
+
     def knows(self, request_id: str) -> bool:
         return request_id in self.answers
 

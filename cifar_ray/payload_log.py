@@ -89,6 +89,26 @@ def _described(row: dict) -> dict:
     return {**row, **describe_input(image, row.pop("keep_image"))}
 
 
+def recent_answers(path: str, days: int = 2) -> list[tuple[str, str, int, int | None]]:
+    """(request id, version, class index, the label fed back or None) of the answers logged
+    in the last `days` date partitions, oldest first: what the Rollout deployment remembers
+    again when its replica restarts (answers.AnswerBook.remember)."""
+    import pyarrow.dataset as ds
+
+    from cifar_ray.config import CLASS_NAMES
+    from cifar_ray.storage import subfolders
+
+    fs, folders = subfolders(path, "date=")
+    latest = sorted(f.path for f in folders)[-days:]
+    if not latest:
+        return []
+    table = ds.dataset([ds.dataset(folder, filesystem=fs, format="parquet") for folder in latest]).to_table(
+        columns=["time", "kind", "request_id", "model_version", "top_classes", "label"]).sort_by("time")
+    labels = {r["request_id"]: r["label"] for r in table.to_pylist() if r["kind"] == "feedback"}
+    return [(r["request_id"], r["model_version"], CLASS_NAMES.index(r["top_classes"][0]), labels.get(r["request_id"]))
+            for r in table.to_pylist() if r["kind"] == "answer" and r["top_classes"]]
+
+
 class PayloadLog:
     """Buffered rows of SCHEMA, written to `path` (a folder or a URI) by `flush`."""
 

@@ -35,7 +35,7 @@ from cifar_ray.answers import Answer, AnswerBook
 from cifar_ray.canary import Rule, decide
 from cifar_ray.errors import first_line
 from cifar_ray.model_registry import REGISTRY_URI, STATUS_TAG
-from cifar_ray.payload_log import PayloadLog
+from cifar_ray.payload_log import PayloadLog, recent_answers
 
 logger = logging.getLogger("ray.serve")
 WATCH_S = 10.0  # longest a replica's watch waits for news
@@ -86,6 +86,11 @@ class Rollout:
         if payload_log_path:
             dropped = Counter("cifar_ray_payload_rows_dropped", "payload log rows dropped: buffer full or storage failing")
             self.payload = PayloadLog(payload_log_path, on_drop=dropped.inc)
+            try:  # a restarted replica takes feedback again for the answers it logged
+                self.book.remember(recent_answers(payload_log_path))
+            except Exception as e:
+                logger.error(f"rollout: cannot read the payload log back ({first_line(e)}); feedback for "
+                             "answers given before this replica started gets 404")
         self.stop = threading.Event()
         if self.payload:
             threading.Thread(target=self._write_payloads, name="payload-log", daemon=True).start()

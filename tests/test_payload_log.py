@@ -102,3 +102,20 @@ def test_a_replicas_row_is_hashed_and_encoded_when_written(tmp_path):
     assert rows["r"]["image"] == describe_input(images[0], True)["image"] and rows["s"]["image"] is None
     assert rows["s"]["image_sha256"] == describe_input(images[1], False)["image_sha256"]
     assert (rows["r"]["input_bytes"], rows["r"]["input_format"], rows["r"]["top_classes"]) == (1234, "image/png", ["cat"])
+
+
+def test_a_restarted_rollout_remembers_the_logged_answers_and_their_labels(tmp_path):
+    from cifar_ray.answers import AnswerBook
+    from cifar_ray.payload_log import recent_answers
+
+    log = PayloadLog(str(tmp_path / "log"))
+    log.add(answer("a"))  # top class "cat": index 3
+    log.add(answer("b", version="2"))
+    log.add(feedback("a", 3))
+    log.flush()
+    book = AnswerBook()
+    book.remember(recent_answers(str(tmp_path / "log")))
+    assert book.label("b", 3) == {"request_id": "b", "model_version": "2", "correct": True}
+    assert book.label("a", 5) == {"request_id": "a", "model_version": "1", "correct": False}
+    assert book.summary()["2"]["labelled"] == 1 and "1" not in book.summary()  # "a" was counted before the restart
+    assert recent_answers(str(tmp_path / "none")) == []

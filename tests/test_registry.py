@@ -146,6 +146,30 @@ def test_cli_errors_are_one_line_exit_2_and_change_nothing(registry):
     assert champion(registry) == "1" and registry.history() == ["1"]
 
 
+def test_canary_errors_are_one_line_exit_2_and_change_nothing(registry, capsys):
+    """In this process (the subprocess test above proves the command's own exit path)."""
+    from cifar_ray.registry import main
+
+    def canary(*args: str) -> tuple[int, str]:
+        with pytest.raises(SystemExit) as exit:
+            main(["canary", *args])
+        return exit.value.code, capsys.readouterr().err.strip()
+
+    store = ("--tracking-uri", registry.uri)
+    for args, message in ((("9", *store), "error: cifar10-classifier has no version 9"),
+                          (("1", *store), "error: version 1 is already champion"),
+                          (store, "error: registry canary: name a version, or use --status or --stop"),
+                          (("2", "--percent", "0", *store), "error: --percent must be above 0 and at most 100, not 0.0")):
+        assert canary(*args) == (2, message)
+    code, error = canary("2", "--tracking-uri", "http://127.0.0.1:9")
+    assert code == 2 and error.startswith("error: registry http://127.0.0.1:9") and len(error.splitlines()) == 1
+    assert registry.canary() is None and champion(registry) == "1"
+    main(["canary", "2", *store])
+    assert canary("3", *store) == (2, "error: version 2 is already rolling out; end it first with registry "
+                                      "canary --stop")
+    assert registry.canary()["version"] == "2"
+
+
 # ---------------------------------------------------------------------------------------
 # End to end: training registers, the gate decides, Serve follows
 # ---------------------------------------------------------------------------------------
