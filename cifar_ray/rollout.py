@@ -61,7 +61,7 @@ class Routes:
         return {v for v in (self.champion, self.candidate, self.previous) if v}
 
 
-# One replica: it is the one place. No access log: replicas call `record` 20 times a second.
+# One replica: it is the one place. No access log: each replica calls `record` 4 times a second.
 @serve.deployment(name="Rollout", num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0},
                   logging_config={"enable_access_log": False})
 class Rollout:
@@ -82,15 +82,7 @@ class Rollout:
                            tag_keys=("model_version", "role"))
         self.feedback_count = Counter("cifar_ray_feedback", "labels posted to /feedback, by the version that "
                                       "answered and whether it was right", tag_keys=("model_version", "correct"))
-        self.payload = None
-        if payload_log_path:
-            dropped = Counter("cifar_ray_payload_rows_dropped", "payload log rows dropped: buffer full or storage failing")
-            self.payload = PayloadLog(payload_log_path, on_drop=dropped.inc)
-            try:  # a restarted replica takes feedback again for the answers it logged
-                self.book.remember(recent_answers(payload_log_path))
-            except Exception as e:
-                logger.error(f"rollout: cannot read the payload log back ({first_line(e)}); feedback for "
-                             "answers given before this replica started gets 404")
+        self.payload = self._open_payload_log(payload_log_path) if payload_log_path else None
         self.stop = threading.Event()
         if self.payload:
             threading.Thread(target=self._write_payloads, name="payload-log", daemon=True).start()
@@ -99,6 +91,17 @@ class Rollout:
 
             self.registry = Registry(tracking_uri, reference["name"])
             threading.Thread(target=self._follow_registry, name="follow-registry", daemon=True).start()
+
+    def _open_payload_log(self, path: str) -> PayloadLog:
+        """The payload log, and the answers it kept read back: a restarted replica takes
+        feedback again for them."""
+        dropped = Counter("cifar_ray_payload_rows_dropped", "payload log rows dropped: buffer full or storage failing")
+        try:
+            self.book.remember(recent_answers(path))
+        except Exception as e:
+            logger.error(f"rollout: cannot read the payload log back ({first_line(e)}); feedback for answers "
+                         "given before this replica started gets 404")
+        return PayloadLog(path, on_drop=dropped.inc)
 
     def __del__(self):  # Serve calls it when the replica stops: the payload log's last rows go out
         self.stop.set()
