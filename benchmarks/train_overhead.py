@@ -45,7 +45,8 @@ def main() -> None:
     import ray
 
     from cifar_ray.quiet import quiet_start_up
-    from cifar_ray.config import PRESETS, with_global_batch
+    from cifar_ray.config import PRESETS
+    from cifar_ray.run_folder import with_global_batch
     from cifar_ray.data import load_training_data
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -34,7 +34,7 @@ import pyarrow as pa
 
 from cifar_ray.config import IMAGE_SHAPE
 from cifar_ray.errors import first_line
-from cifar_ray.storage import filesystem
+from cifar_ray.storage import write_file
 
 logger = logging.getLogger("ray.serve")
 FLUSH_S = 2.0
@@ -113,7 +113,6 @@ class PayloadLog:
     """Buffered rows of SCHEMA, written to `path` (a folder or a URI) by `flush`."""
 
     def __init__(self, path: str, on_drop=None):
-        self.fs, self.root = filesystem(path)
         self.path = path
         self.rows: list[dict] = []
         self.dropped = self.written = 0
@@ -147,11 +146,13 @@ class PayloadLog:
         dates = [r["time"].strftime("%Y-%m-%d") for r in rows]
         for date in sorted(set(dates)):
             part = table.filter(pa.array([d == date for d in dates])) if len(set(dates)) > 1 else table
-            folder = f"{self.root.rstrip('/')}/date={date}"
             name = f"part-{datetime.now(timezone.utc):%H%M%S%f}-{uuid.uuid4().hex[:8]}.parquet"
             try:
-                self.fs.create_dir(folder, recursive=True)
-                pq.write_table(part, f"{folder}/{name}", filesystem=self.fs)
+                sink = pa.BufferOutputStream()
+                pq.write_table(part, sink)
+                # whole or not at all (storage.write_file): a writer killed mid-file leaves no
+                # half a Parquet file to break every later read of the log
+                write_file(f"{self.path.rstrip('/')}/date={date}", name, sink.getvalue().to_pybytes())
                 self.written += part.num_rows
             except Exception as e:
                 with self.lock:

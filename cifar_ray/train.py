@@ -26,7 +26,8 @@ from dataclasses import asdict
 from cifar_ray.config import Config
 from cifar_ray.augment import AUGMENT_TASK_CPUS
 from cifar_ray.data import DataInfo, shuffle_every_epoch, training_steps_per_epoch
-from cifar_ray.run_folder import SCORE_METRIC, checkpoints_of, with_global_batch, finished_run_checkpoints, resolve_run, write_run_outputs
+from cifar_ray.run_folder import (SCORE_METRIC, checkpoints_of, finished_run_checkpoints, resolve_run, with_global_batch,
+                                  write_run_outputs)
 
 # Ray Train's controller takes one report per poll of its workers, every 2 s by default, and
 # a run ends once every report is taken: with epochs shorter than that, each run's end waited

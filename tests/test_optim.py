@@ -9,7 +9,8 @@ import pytest
 
 import keras
 
-from cifar_ray.config import PRESETS, with_global_batch, with_recipe
+from cifar_ray.config import PRESETS, with_recipe
+from cifar_ray.run_folder import with_global_batch
 from cifar_ray.data import training_steps_per_epoch
 from cifar_ray.models import build_model, build_optimizer
 from cifar_ray.optim import CoupledSGD, Lookahead, Triangle
