@@ -292,6 +292,7 @@ class Classifier:
                 self.answers.add(Answer(answers[-1]["request_id"], model.version, int(ranked[0]), float(p[ranked[0]]),
                                         latency_ms, payload=row))
         self.metrics.predicted([a["class_name"] for a in answers], model.version)
+        self.metrics.latency_ms.observe(latency_ms, tags={"model_version": model.version})
         self.drift.observe(model.version, probabilities.max(1).tolist(), probabilities.argmax(1).tolist())
         if shadow is not None and self.answers is not None:
             self.compute.submit(shadow_answers, shadow, images, [a["request_id"] for a in answers], self.tta,

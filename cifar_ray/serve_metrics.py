@@ -33,6 +33,9 @@ class ServeMetrics:
         self.stage_ms = Histogram("cifar_ray_stage_ms", "time a request spends in each stage: read the body, "
                                   "decode, wait for its batch, model call", boundaries=MS_BOUNDARIES,
                                   tag_keys=("stage",))
+        self.latency_ms = Histogram("cifar_ray_latency_ms", "a prediction request's time from its first byte to its "
+                                    "answer, by the model version that answered", boundaries=MS_BOUNDARIES,
+                                    tag_keys=("model_version",))
         self.batch_images = Histogram("cifar_ray_batch_images", "images per model call",
                                       boundaries=IMAGE_COUNT_BOUNDARIES)
         self.model_version = Gauge("cifar_ray_model_version", "1 for the model version this replica serves",

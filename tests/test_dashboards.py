@@ -56,4 +56,4 @@ def test_every_panel_and_rule_queries_a_metric_the_app_or_ray_serve_exports():
 def test_the_rules_cover_errors_latency_and_a_missing_champion():
     alerts = {r["alert"] for g in yaml.safe_load((ROOT / "cluster/prometheus/cifar-ray-rules.yaml").read_text())["groups"]
               for r in g["rules"]}
-    assert {"CifarRayNoChampion", "CifarRayErrorRate", "CifarRayLatencyP99"} <= alerts
+    assert {"CifarRayNoChampion", "CifarRayDrift", "CifarRayErrorRate", "CifarRayLatencyP99"} <= alerts

@@ -530,6 +530,7 @@ def test_prometheus_metrics_count_answers_classes_stages_batches_and_the_version
         **{f"{stage} time": (("ray_cifar_ray_stage_ms_count{", app, f'stage="{stage}"'), 3)
            for stage in ("read", "decode", "queue", "model")},
         "batch sizes": (("ray_cifar_ray_batch_images_count{", app), 1),
+        "latency by version": (("ray_cifar_ray_latency_ms_count{", app, 'model_version="'), 3),
     }
 
     def grown(lines: list[str]) -> dict:
