@@ -121,7 +121,7 @@ class Classifier:
         self.tta = user_config.get("tta", self.tta)  # None: as the served checkpoint says
 
     async def _classify(self, images: np.ndarray, queued_at: float) -> tuple:
-        """(probabilities, model) for `images`, through the batcher.
+        """(probabilities, the model that answered, the shadow or None) for `images`, through the batcher.
 
         The batcher waits up to batch_wait_s for a batch to fill only while other requests
         are in flight: a lone client never waits, a busy replica still batches. Past
