@@ -105,14 +105,16 @@ class AnswerBook:
                 given.shadow = (a.version, a.label)
             elif not a.shadow:
                 self.answers[a.request_id] = Given(a.version, a.label)
-        while len(self.answers) > MAX_ANSWERS:
-            self.answers.popitem(last=False)
+        self._forget_the_oldest()
 
     def remember(self, logged: list[tuple[str, str, int, int | None]]) -> None:
         """Answers read back from the payload log (payload_log.recent_answers), oldest first:
         feedback for them is taken again, and an answer already labelled is not counted twice."""
         for request_id, version, label, truth in logged[-MAX_ANSWERS:]:
             self.answers[request_id] = Given(version, label, truth=truth)
+        self._forget_the_oldest()
+
+    def _forget_the_oldest(self) -> None:
         while len(self.answers) > MAX_ANSWERS:
             self.answers.popitem(last=False)
 

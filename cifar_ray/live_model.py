@@ -85,9 +85,8 @@ class LiveModel:
         self.candidate: Loaded | None = None
         self.percent, self.shadow = 0.0, False
         self.loaded: dict[str, Loaded] = {}  # registry versions ready to answer, current's included
-        self.failed: dict[str, str] = {}  # versions that could not be loaded, and why
+        self.failed: dict[str, str] = {}  # versions that could not be loaded, and why: not tried again
         self.error = ""  # why the version `source` points to is not the one served ("" when it is)
-        self._failed: str | None = None
         self._registry = None  # an MlflowClient, made on first use
 
     @property
@@ -105,7 +104,7 @@ class LiveModel:
         if self.current is not None and version == self.current.version:
             self.error = ""
             return False
-        if version == self._failed:
+        if version in self.failed:
             return False
         try:
             loaded = self._load(version, location)
@@ -113,7 +112,7 @@ class LiveModel:
             what = f"version {version}" if self.reference else f"checkpoint {location}"
             self._fail(version, f"cannot load {what}: {first_line(e)}")
             return False
-        self.current, self.error, self._failed = loaded, "", None
+        self.current, self.error, self.failed = loaded, "", {}
         self.loaded[version] = loaded
         logger.info(f"serving {self.source}: version {version}")
         return True
@@ -170,8 +169,7 @@ class LiveModel:
         if champion is not None:
             self.current, self.error = champion, ""
         elif routes.champion in self.failed:
-            serving = f"; still serving version {self.current.version}" if self.current else ""
-            self.error = self.failed[routes.champion] + serving
+            self.error = self.failed[routes.champion] + self._still_serving()
         self.candidate = self.loaded.get(routes.candidate)
         self.percent, self.shadow = routes.percent, routes.shadow
         keep = keep | routes.versions | {self.current.version if self.current else None}
@@ -206,7 +204,11 @@ class LiveModel:
             return load(download(self.tracking_uri, location, tmp), version)
 
     def _fail(self, version: str | None, reason: str) -> None:
-        serving = f"; still serving version {self.current.version}" if self.current else ""
-        if reason + serving != self.error:  # once, not at every poll
-            logger.error(reason + serving)
-        self.error, self._failed = reason + serving, version
+        """`refresh` could not serve what `source` names: say why once, and do not try that
+        version again until the alias has moved on (a failed lookup forgets it)."""
+        if reason + self._still_serving() != self.error:  # once, not at every poll
+            logger.error(reason + self._still_serving())
+        self.error, self.failed = reason + self._still_serving(), {version: reason} if version else {}
+
+    def _still_serving(self) -> str:
+        return f"; still serving version {self.current.version}" if self.current else ""

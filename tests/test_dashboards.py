@@ -1,6 +1,7 @@
 """The Grafana dashboard and the Prometheus alert rules query only metrics that exist: the
 app's own (defined in cifar_ray/, named as Ray exports them) or Ray Serve's."""
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -23,13 +24,17 @@ def app_metrics() -> set[str]:
     return names
 
 
-def ray_serve_defines(name: str) -> bool:
-    """A `ray_serve_...` metric: Ray Serve's source names it (without Ray's prefix)."""
+@functools.cache
+def ray_serve_source() -> str:
     import ray.serve
 
+    return "\n".join(source.read_text() for source in Path(ray.serve.__file__).parent.rglob("*.py"))
+
+
+def ray_serve_defines(name: str) -> bool:
+    """A `ray_serve_...` metric: Ray Serve's source names it (without Ray's prefix)."""
     base = re.sub(r"_(bucket|sum|count|total)$", "", name.removeprefix("ray_"))
-    sources = Path(ray.serve.__file__).parent.rglob("*.py")
-    return any(f'"{base}"' in source.read_text() for source in sources)
+    return f'"{base}"' in ray_serve_source()
 
 
 def queries() -> dict[str, list[str]]:

@@ -356,7 +356,9 @@ def test_feedback_on_any_replica_for_any_answer_and_its_errors(registry_endpoint
     def feedback(body) -> requests.Response:
         return requests.post(f"{url}/feedback", json=body, timeout=30)
 
-    answers = [ask(i) for i in range(12)]  # two replicas, routed at random: both answered
+    # Two replicas, routed at random (both answer 12 requests but with p = 2^-11); feedback
+    # goes through the one Rollout deployment whichever replica takes it.
+    answers = [ask(i) for i in range(12)]
     for a in answers:
         response = feedback({"request_id": a["request_id"], "label": CLASS_NAMES[a["label"]]})
         assert response.status_code == 200, response.text
