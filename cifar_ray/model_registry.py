@@ -128,20 +128,20 @@ class Registry:
 
     def stop_canary(self, outcome: str | None = None, evidence: dict | None = None) -> str | None:
         """End the rollout: the alias `candidate` removed, the outcome and its evidence kept as
-        tags on the version. The version it ended, or None when none was under way."""
+        tags on the version. The version it ended, or None when none was under way.
+
+        The tags are written first: whoever sees the rollout over also finds its outcome."""
         settings = self.canary()
+        version = settings["version"] if settings else None
+        if version and outcome:
+            self.client.set_model_version_tag(self.name, version, "canary_decision", outcome)
+            self.client.set_model_version_tag(self.name, version, "canary_ended", now())
+        if version and evidence:
+            self.client.set_model_version_tag(self.name, version, "canary_evidence", json.dumps(evidence))
         if self._exists():
             if self._or_none(self.client.get_model_version_by_alias, self.name, CANDIDATE) is not None:
                 self.client.delete_registered_model_alias(self.name, CANDIDATE)
             self.client.set_registered_model_tag(self.name, CANARY_TAG, "")
-        if settings is None:
-            return None
-        version = settings["version"]
-        if outcome:
-            self.client.set_model_version_tag(self.name, version, "canary_decision", outcome)
-            self.client.set_model_version_tag(self.name, version, "canary_ended", now())
-        if evidence:
-            self.client.set_model_version_tag(self.name, version, "canary_evidence", json.dumps(evidence))
         return version
 
     def check_files(self, version) -> None:

@@ -170,6 +170,22 @@ def test_canary_errors_are_one_line_exit_2_and_change_nothing(registry, capsys):
     assert registry.canary()["version"] == "2"
 
 
+def test_a_canary_is_seen_over_only_once_its_outcome_is_written(registry, monkeypatch):
+    """Seen in the suite: a client saw the alias gone and read no decision yet."""
+    registry.start_canary("2", 10.0, shadow=False, rule={})
+    seen = []
+    delete = registry.client.delete_registered_model_alias
+
+    def delete_and_look(*args):
+        seen.append(registry.version("2").tags.get("canary_decision"))
+        return delete(*args)
+
+    monkeypatch.setattr(registry.client, "delete_registered_model_alias", delete_and_look)
+    assert registry.stop_canary("rollback: worse", {"labels": 30}) == "2"
+    assert seen == ["rollback: worse"] and registry.canary() is None
+    assert registry.version("2").tags["canary_evidence"] == '{"labels": 30}'
+
+
 # ---------------------------------------------------------------------------------------
 # End to end: training registers, the gate decides, Serve follows
 # ---------------------------------------------------------------------------------------
