@@ -1,5 +1,6 @@
 """What runs on each Ray Train worker: build or restore the model, fit it on the worker's
-shard under MultiWorkerMirroredStrategy, and report metrics and a checkpoint every epoch.
+shard (under MultiWorkerMirroredStrategy with 2+ workers), and report metrics and a
+checkpoint every epoch.
 
 Ray Train runs `train.train_loop_per_worker`, which imports this module on the worker and
 calls `fit_on_this_worker`; Tune's trials run the same loop. This is the only training
@@ -16,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from cifar_ray.config import CLASS_NAMES, IMAGE_SHAPE, PBT_MUTATIONS, TENSORBOARD_DIR, Config
 from cifar_ray.data import DataInfo, training_steps_per_epoch
@@ -29,9 +31,6 @@ def fit_on_this_worker(loop_config: dict, callbacks: tuple = ()) -> keras.Model:
     """
     import ray
     import ray.train
-    import tensorflow as tf
-
-    from cifar_ray.compat import patch_multi_worker_fit
 
     cfg = Config.from_dict(loop_config["config"])
     info = DataInfo(**loop_config["data_info"])
@@ -46,8 +45,7 @@ def fit_on_this_worker(loop_config: dict, callbacks: tuple = ()) -> keras.Model:
     warnings.filterwarnings("ignore", message="`shuffle=True` was passed")
     warnings.filterwarnings("ignore", message="Your input ran out of data")
     keras.mixed_precision.set_global_policy(policy)
-    patch_multi_worker_fit()
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    strategy = worker_strategy(context.get_world_size())
 
     steps_per_epoch = training_steps_per_epoch(info.num_train, cfg.train.batch_size, context.get_world_size())
     with strategy.scope():
@@ -61,7 +59,7 @@ def fit_on_this_worker(loop_config: dict, callbacks: tuple = ()) -> keras.Model:
 
     model.fit(
         training_input(strategy, ray.train.get_dataset_shard("train"), per_worker_batch, steps_per_epoch),
-        validation_data=make_tf_dataset(ray.train.get_dataset_shard("val"), cfg.train.batch_size),
+        validation_data=validation_input(strategy, ray.train.get_dataset_shard("val"), per_worker_batch),
         epochs=cfg.train.epochs,
         initial_epoch=len(history),
         callbacks=[*callbacks, *lookahead(cfg, steps_per_epoch), *tensorboard_on_chief(cfg, context.get_world_rank()),
@@ -69,6 +67,20 @@ def fit_on_this_worker(loop_config: dict, callbacks: tuple = ()) -> keras.Model:
         verbose=0,
     )
     return model
+
+
+def worker_strategy(world_size: int):
+    """MultiWorkerMirroredStrategy (with compat.py's fixes) when there are workers to keep in
+    step; TensorFlow's default strategy for a single worker, whose collectives would only
+    cost time (notebook_cnn: about 10% of an epoch, benchmarks/README.md)."""
+    import tensorflow as tf
+
+    from cifar_ray.compat import patch_multi_worker_fit
+
+    if world_size == 1:
+        return tf.distribute.get_strategy()
+    patch_multi_worker_fit()
+    return tf.distribute.MultiWorkerMirroredStrategy()
 
 
 def lookahead(cfg: Config, steps_per_epoch: int) -> list:
@@ -165,14 +177,25 @@ def training_input(strategy, shard, per_worker_batch: int, steps: int):
     return strategy.distribute_datasets_from_function(lambda _: dataset)
 
 
+def validation_input(strategy, shard, per_worker_batch: int):
+    """The worker's validation shard, read once (make_tf_dataset), in per-worker batches
+    handed to the strategy as they are: each worker scores its own shard, and Ray's equal
+    split makes the mean of the workers' metrics the metric of the whole split."""
+    dataset = make_tf_dataset(shard, per_worker_batch)
+    return strategy.distribute_datasets_from_function(lambda _: dataset)
+
+
 def make_tf_dataset(shard, batch_size: int, training: bool = False):
     """A worker's Ray Data shard as a tf.data.Dataset of (uint8 images, one-hot labels).
 
-    Training batches are per-worker (training_input). Validation batches are global: Keras
-    hands them to MultiWorkerMirroredStrategy, which splits each into batch_size /
-    num_workers per worker and step. Either way every worker reads its whole shard: `to_tf`
-    turns TF's auto-sharding off, so no example is dropped. Labels are one-hot because
-    Keras smooths labels only in CategoricalCrossentropy.
+    Batches are per-worker (training_input, validation_input), and every worker reads its
+    whole shard, with TF's auto-sharding off, so no example is dropped. Labels are one-hot
+    because Keras smooths labels only in CategoricalCrossentropy.
+
+    The validation shard is read once, here, and kept in memory (CIFAR's 5,000 images take
+    15 MB): it is the same every epoch, and a Ray Data pass over it cost about 0.4 s of a
+    5 s epoch (benchmarks/README.md). The training shard streams: a new order and new
+    augmentations every epoch.
 
     tf.data autotuning is off, as in the per-device pipelines (compat.py, point 3): nothing
     here is tunable, and its model thread stalled epoch boundaries by 10-80 s. The column
@@ -183,16 +206,31 @@ def make_tf_dataset(shard, batch_size: int, training: bool = False):
 
     from cifar_ray.compat import without_autotuning
 
-    dataset = shard.to_tf(
-        feature_columns="image",
-        label_columns="label",
-        feature_type_spec=tf.TensorSpec((None, *IMAGE_SHAPE), tf.uint8),
-        label_type_spec=tf.TensorSpec((None,), tf.int64),
-        batch_size=batch_size,
-        drop_last=training,
-        local_shuffle_buffer_size=4 * batch_size if training else None,
-    )
+    if training:
+        dataset = shard.to_tf(
+            feature_columns="image",
+            label_columns="label",
+            feature_type_spec=tf.TensorSpec((None, *IMAGE_SHAPE), tf.uint8),
+            label_type_spec=tf.TensorSpec((None,), tf.int64),
+            batch_size=batch_size,
+            drop_last=True,
+            local_shuffle_buffer_size=4 * batch_size,
+        )
+    else:
+        images, labels = read_whole(shard)
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size).with_options(options)
     return without_autotuning(dataset.map(lambda x, y: (x, tf.one_hot(y, len(CLASS_NAMES)))))
+
+
+def read_whole(shard) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of one pass over a Ray Data shard, as numpy arrays."""
+    images, labels = [np.zeros((0, *IMAGE_SHAPE), np.uint8)], [np.zeros(0, np.int64)]
+    for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
+        images.append(batch["image"])
+        labels.append(batch["label"])
+    return np.concatenate(images), np.concatenate(labels)
 
 
 class ReportEpoch(keras.callbacks.Callback):
