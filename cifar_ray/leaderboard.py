@@ -26,16 +26,18 @@ def leaderboard_rows(cfg: Config, results, trials_dir: str | None = None) -> lis
             continue
         on_disk = trained_history(f"{trials_dir}/{result.metrics['trial_id']}") if trials_dir else None
         if on_disk:
-            scores, run_folder = [m[SCORE_METRIC] for m in on_disk[0]], on_disk[1]
+            scores = [m[SCORE_METRIC] for m in on_disk[0]]
+            best_score, best_epoch, run_folder = on_disk[1]
         else:
             scores = [float(v) for v in history[SCORE_METRIC]]
+            best_score = max(scores)
+            best_epoch = scores.index(best_score) + 1
             # the Ray Train run that saved the best epoch: the trial's folder, or under PBT one part of it
             run_folder = history.loc[history[SCORE_METRIC].idxmax(), "checkpoint_path"].rsplit("/", 1)[0]
-        best_epoch = max(range(len(scores)), key=scores.__getitem__) + 1
         rows.append({
             "trial": result.metrics["trial_id"],
             **{k: trained[k] for k in SEARCHED},
-            "best_val_accuracy": round(max(scores), 4),
+            "best_val_accuracy": round(best_score, 4),
             "best_epoch": best_epoch,
             "epochs_run": len(scores),
             "overhead_s": round(float(history["time_total_s"].iloc[-1] - history["epoch_time_s"].sum()), 1),
@@ -47,28 +49,32 @@ def leaderboard_rows(cfg: Config, results, trials_dir: str | None = None) -> lis
     return sorted(rows, key=lambda r: -r["best_val_accuracy"]) + failed
 
 
-def trained_history(trial_dir: str) -> tuple[list[dict], str] | None:
-    """(every epoch's metrics, the run folder holding it) from a trial's latest checkpoint,
-    in its folder or, under PBT, its latest part; None where it has none.
+def trained_history(trial_dir: str) -> tuple[list[dict], tuple[float, int, str]] | None:
+    """(every epoch's metrics, from the trial's latest checkpoint; (score, epoch, run folder)
+    of its best checkpoint), looking in its folder or, under PBT, in its parts; None where it
+    has no checkpoint.
 
     Tune's own record of a trial is not the truth here: under PBT, Tune drops what a trial
     reports after Tune decided to pause it, and the result log of a trial it restores starts
     again. Seen: a trial that trained 4 epochs had a log of epoch 3 alone, and the
-    leaderboard said it stopped early after 3.
+    leaderboard said it stopped early after 3. The best is the best of the trial's own
+    checkpoints: a part that copied another trial's history begins with epochs whose
+    checkpoints are that trial's (best/ once took a copied score with an own checkpoint).
     """
     from cifar_ray.checkpoint import METADATA_FILE, checkpoint_names
     from cifar_ray.storage import read_file, subfolders
 
     parts = sorted(subfolders(trial_dir, "part_")[1], key=lambda f: int(f.base_name.removeprefix("part_")))
-    latest = None
+    latest, best = None, None
     for folder in [trial_dir] + [f"{trial_dir}/{part.base_name}" for part in parts]:
-        names = checkpoint_names(folder)
-        if names and (latest is None or names[-1] >= latest[1]):
-            latest = (folder, names[-1])
-    if latest is None:
-        return None
-    folder, name = latest
-    return json.loads(read_file(f"{folder}/{name}", METADATA_FILE))["history"], folder
+        for name in checkpoint_names(folder):
+            history = json.loads(read_file(f"{folder}/{name}", METADATA_FILE))["history"]
+            if latest is None or len(history) >= len(latest):
+                latest = history
+            score = history[-1][SCORE_METRIC]
+            if best is None or score > best[0]:
+                best = (score, len(history), folder)
+    return (latest, best) if latest else None
 
 
 def failed_trial_row(result, trained: dict) -> dict:

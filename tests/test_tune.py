@@ -335,6 +335,16 @@ def test_a_leaderboard_row_reads_the_epochs_a_trial_trained_from_its_checkpoints
     assert row["val_accuracy_by_epoch"] == [0.2, 0.5, 0.8, 0.7]
     assert row["run_folder"] == str(tmp_path / "trials/t1/part_2")
 
+    # Seen in the suite: part_2 copied another trial's epochs 1-2 (0.9, 0.95) and trained 3-4
+    # itself. Its best is its own epoch 4, in the folder where best/ looks, not a copied score.
+    copied = [{"epoch": e, "val_accuracy": a} for e, a in enumerate([0.9, 0.95, 0.6, 0.7], start=1)]
+    for epoch in (3, 4):
+        (tmp_path / f"trials/t1/part_2/epoch_{epoch:04d}/metadata.json").write_text(json.dumps({"history": copied[:epoch]}))
+    (row,) = leaderboard_rows(cfg, [result], str(tmp_path / "trials"))
+    assert (row["best_val_accuracy"], row["best_epoch"], row["epochs_run"]) == (0.7, 4, 4)
+    assert row["val_accuracy_by_epoch"] == [0.9, 0.95, 0.6, 0.7]
+    assert row["run_folder"] == str(tmp_path / "trials/t1/part_2")
+
 
 def test_leaderboard_is_sorted_and_its_top_is_the_best_epoch_of_all_trials(experiment):
     cfg, best, _, _ = experiment
