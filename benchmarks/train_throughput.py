@@ -87,7 +87,7 @@ def plain_keras(cfg, train: dict, val: dict) -> dict:
         ds = ds.shuffle(4 * cfg.train.batch_size) if training else ds
         if training and cfg.data.augment == "crop_flip":
             ds = ds.map(tf_crop_flip(cfg.data.crop_padding), num_parallel_calls=tf.data.AUTOTUNE)
-        # As in train_loop.make_tf_dataset, so neither side stalls at epoch boundaries.
+        # As in train_loop.for_keras, so neither side stalls at epoch boundaries.
         return without_autotuning(ds.batch(cfg.train.batch_size, drop_remainder=training).prefetch(2))
 
     epoch_times = []

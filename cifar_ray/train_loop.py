@@ -172,55 +172,63 @@ def training_input(strategy, shard, per_worker_batch: int, steps: int):
     """
     import tensorflow as tf
 
-    dataset = make_tf_dataset(shard, per_worker_batch, training=True)
-    dataset = dataset.apply(tf.data.experimental.assert_cardinality(steps))
+    dataset = streamed_dataset(shard, per_worker_batch).apply(tf.data.experimental.assert_cardinality(steps))
     return strategy.distribute_datasets_from_function(lambda _: dataset)
 
 
 def validation_input(strategy, shard, per_worker_batch: int):
-    """The worker's validation shard, read once (make_tf_dataset), in per-worker batches
+    """The worker's validation shard, read once (in_memory_dataset), in per-worker batches
     handed to the strategy as they are: each worker scores its own shard, and Ray's equal
     split makes the mean of the workers' metrics the metric of the whole split."""
-    dataset = make_tf_dataset(shard, per_worker_batch)
+    dataset = in_memory_dataset(shard, per_worker_batch)
     return strategy.distribute_datasets_from_function(lambda _: dataset)
 
 
-def make_tf_dataset(shard, batch_size: int, training: bool = False):
-    """A worker's Ray Data shard as a tf.data.Dataset of (uint8 images, one-hot labels).
+def streamed_dataset(shard, batch_size: int):
+    """A worker's training shard, streamed from Ray Data every epoch (a new order and new
+    augmentations each time), in full batches shuffled within a 4-batch buffer.
 
-    Batches are per-worker (training_input, validation_input), and every worker reads its
-    whole shard, with TF's auto-sharding off, so no example is dropped. Labels are one-hot
-    because Keras smooths labels only in CategoricalCrossentropy.
-
-    The validation shard is read once, here, and kept in memory (CIFAR's 5,000 images take
-    15 MB): it is the same every epoch, and a Ray Data pass over it cost about 0.4 s of a
-    5 s epoch (benchmarks/README.md). The training shard streams: a new order and new
-    augmentations every epoch.
-
-    tf.data autotuning is off, as in the per-device pipelines (compat.py, point 3): nothing
-    here is tunable, and its model thread stalled epoch boundaries by 10-80 s. The column
+    `to_tf` turns TF's auto-sharding off, so every worker reads its whole shard. The column
     types are data.py's fixed schema: left to infer them, `to_tf` first runs the whole
     pipeline, augmentation included, for one row.
     """
     import tensorflow as tf
 
+    return for_keras(shard.to_tf(
+        feature_columns="image",
+        label_columns="label",
+        feature_type_spec=tf.TensorSpec((None, *IMAGE_SHAPE), tf.uint8),
+        label_type_spec=tf.TensorSpec((None,), tf.int64),
+        batch_size=batch_size,
+        drop_last=True,
+        local_shuffle_buffer_size=4 * batch_size,
+    ))
+
+
+def in_memory_dataset(shard, batch_size: int):
+    """A worker's validation shard, read once, here, and kept in memory (CIFAR's 5,000
+    images take 15 MB): it is the same every epoch, and a Ray Data pass over it cost about
+    0.4 s of a 5 s epoch (benchmarks/README.md). Auto-sharding is off: the shard is this
+    worker's already."""
+    import tensorflow as tf
+
+    images, labels = read_whole(shard)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return for_keras(tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size).with_options(options))
+
+
+def for_keras(dataset):
+    """(uint8 images, one-hot labels), tf.data autotuning off.
+
+    Labels are one-hot because Keras smooths labels only in CategoricalCrossentropy.
+    Autotuning is off as in the per-device pipelines (compat.py, point 3): nothing here is
+    tunable, and its model thread stalled epoch boundaries by 10-80 s.
+    """
+    import tensorflow as tf
+
     from cifar_ray.compat import without_autotuning
 
-    if training:
-        dataset = shard.to_tf(
-            feature_columns="image",
-            label_columns="label",
-            feature_type_spec=tf.TensorSpec((None, *IMAGE_SHAPE), tf.uint8),
-            label_type_spec=tf.TensorSpec((None,), tf.int64),
-            batch_size=batch_size,
-            drop_last=True,
-            local_shuffle_buffer_size=4 * batch_size,
-        )
-    else:
-        images, labels = read_whole(shard)
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-        dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size).with_options(options)
     return without_autotuning(dataset.map(lambda x, y: (x, tf.one_hot(y, len(CLASS_NAMES)))))
 
 

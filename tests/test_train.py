@@ -278,19 +278,29 @@ def test_global_batch_and_linear_lr_scaling():
         with_global_batch(cfg.with_overrides({"num_workers": 2, "steps_per_execution": 4}))
 
 
-def test_worker_input_is_one_hot_global_batches_without_tf_data_autotuning(ray_cluster):
+def test_worker_inputs_are_one_hot_batches_without_tf_data_autotuning_and_validation_is_read_once(ray_cluster):
     import ray
 
-    from cifar_ray.train_loop import make_tf_dataset
+    from cifar_ray.train_loop import in_memory_dataset, streamed_dataset
+
+    class CountingPasses:
+        def __init__(self, shard):
+            self.shard, self.passes = shard, 0
+
+        def iter_batches(self, **kwargs):
+            self.passes += 1
+            return self.shard.iter_batches(**kwargs)
 
     images, labels = make_images(10)
     shard = ray.data.from_items([{"image": i, "label": int(l)} for i, l in zip(images, labels)]).iterator()
-    train, val = make_tf_dataset(shard, 4, training=True), make_tf_dataset(shard, 4)
+    counted = CountingPasses(shard)
+    train, val = streamed_dataset(shard, 4), in_memory_dataset(counted, 4)
     assert [x.shape[0] for x, _ in train] == [4, 4]  # drop_last while training
     assert [x.shape[0] for x, _ in val] == [4, 4, 2]
     x, y = map(np.concatenate, zip(*[(x.numpy(), y.numpy()) for x, y in val]))
     assert x.dtype == np.uint8 and sorted(y.argmax(1)) == sorted(labels) and (y.sum(1) == 1).all()
-    # Autotuning's model thread stalled epoch boundaries by 10-80 s (make_tf_dataset).
+    assert [b.shape[0] for b, _ in val] == [4, 4, 2] and counted.passes == 1  # every epoch from memory
+    # Autotuning's model thread stalled epoch boundaries by 10-80 s (train_loop.for_keras).
     assert train.options().autotune.enabled is False and val.options().autotune.enabled is False
 
 
