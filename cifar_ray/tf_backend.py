@@ -7,6 +7,10 @@ runs it, before any worker started. This config does what Ray's does: on start, 
 worker gets the TF_CONFIG that MultiWorkerMirroredStrategy reads, written by Ray's own
 function on the worker, where TensorFlow is wanted anyway.
 
+Ray's `TensorflowTrainer` itself imports that package as it is made (for its default
+config), so the driver and each Tune trial's process, which hand the loop over and never
+run it, imported TensorFlow too: `TensorflowTrainer` here is Ray's, made without it.
+
 Three imports below are Ray internals, for want of a public API in Ray 2.60: the enum that
 names a backend's framework (Ray Train's state export and dashboard read it), and the two
 functions Ray's own TensorflowBackend calls, which build each worker's address and TF_CONFIG.
@@ -19,6 +23,8 @@ from dataclasses import dataclass
 import ray
 from ray.train.backend import Backend, BackendConfig
 from ray.train.v2._internal.util import TrainingFramework  # no public home in Ray 2.60
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+from ray.train.v2.tensorflow.tensorflow_trainer import TensorflowTrainer as RayTensorflowTrainer
 
 
 @dataclass
@@ -30,6 +36,16 @@ class TensorflowConfig(BackendConfig):
     @property
     def framework(self):
         return TrainingFramework.TENSORFLOW
+
+
+class TensorflowTrainer(RayTensorflowTrainer):
+    """Ray's TensorflowTrainer, with this module's config: its own `__init__` does only
+    `from ray.train.tensorflow import TensorflowConfig` (3-6 s of TensorFlow import) and
+    then what `DataParallelTrainer.__init__` does, which this calls directly."""
+
+    def __init__(self, train_loop_per_worker, *, tensorflow_config: TensorflowConfig | None = None, **kwargs):
+        DataParallelTrainer.__init__(self, train_loop_per_worker,
+                                     backend_config=tensorflow_config or TensorflowConfig(), **kwargs)
 
 
 class TensorflowBackend(Backend):

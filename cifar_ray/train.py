@@ -106,13 +106,10 @@ def make_trainer(cfg: Config, train, val, info: DataInfo, train_loop=None,
     """
     import ray
     import ray.train
-    # Ray's public TensorflowTrainer, from its own module: `ray.train.tensorflow`, where Ray's
-    # docs import it from, imports TensorFlow in the driver (tf_backend.py says why that costs).
-    from ray.train.v2.tensorflow.tensorflow_trainer import TensorflowTrainer
 
     from cifar_ray.augment import add_augmentation
     from cifar_ray.quiet import is_quiet
-    from cifar_ray.tf_backend import TensorflowConfig
+    from cifar_ray.tf_backend import TensorflowConfig, TensorflowTrainer  # without TensorFlow here
 
     workers = cfg.scaling.num_workers
     if training_steps_per_epoch(info.num_train, cfg.train.batch_size, workers) == 0:

@@ -192,16 +192,20 @@ def tiny_trainer(tmp_path, num_train: int, **overrides):
 
 def test_ray_trains_controller_and_a_tune_trial_import_no_tensorflow_to_start_a_run(ray_cluster, tmp_path):
     """Ray Train's controller, a process per run, unpickles the trainer's run context (the
-    configs, the backend, the MLflow callback); a Tune trial's process hands over the loop.
-    TensorFlow or Keras imported there cost every run and trial seconds (tf_backend.py,
-    train.train_loop_per_worker). A fresh Python unpickles both and has imported neither."""
+    configs, the backend, the MLflow callback); the driver and a Tune trial's process make
+    the trainer and hand over the loop. TensorFlow or Keras imported there cost every run and
+    trial seconds (tf_backend.py, train.train_loop_per_worker). A fresh Python makes Ray's
+    TensorflowTrainer as make_trainer does, unpickles both, and has imported neither."""
     import subprocess
     import sys
 
     import cloudpickle
+    from ray.train.v2.tensorflow.tensorflow_trainer import TensorflowTrainer
 
     trainer = tiny_trainer(tmp_path, num_train=256)
-    probe = "import pickle, sys; pickle.load(sys.stdin.buffer); print(sorted({'tensorflow', 'keras'} & set(sys.modules)))"
+    assert isinstance(trainer, TensorflowTrainer) and type(trainer).__module__ == "cifar_ray.tf_backend"
+    probe = ("import pickle, sys; from cifar_ray.tf_backend import TensorflowTrainer; TensorflowTrainer(print); "
+             "pickle.load(sys.stdin.buffer); print(sorted({'tensorflow', 'keras'} & set(sys.modules)))")
     payload = cloudpickle.dumps((trainer.train_run_context, trainer.train_loop_per_worker))
     result = subprocess.run([sys.executable, "-c", probe], input=payload, capture_output=True, timeout=60)
     assert result.returncode == 0, result.stderr.decode()[-2000:]
