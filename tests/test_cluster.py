@@ -158,15 +158,18 @@ def node_ports() -> list[str]:
 
 def stop_nodes_of(temp_dir: Path) -> None:
     """Stop only the Ray processes of this cluster: those that name its temp dir."""
+    def pids() -> list[int]:
+        return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and str(temp_dir) in _cmdline(p)]
+
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
-                and str(temp_dir) in _cmdline(p)]
-        for pid in pids:
+        for pid in pids():
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        time.sleep(2)
+        deadline = time.monotonic() + 2
+        while pids() and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 def _cmdline(proc: Path) -> str:
