@@ -11,9 +11,11 @@ Ray's `TensorflowTrainer` itself imports that package as it is made (for its def
 config), so the driver and each Tune trial's process, which hand the loop over and never
 run it, imported TensorFlow too: `TensorflowTrainer` here is Ray's, made without it.
 
-Three imports below are Ray internals, for want of a public API in Ray 2.60: the enum that
-names a backend's framework (Ray Train's state export and dashboard read it), and the two
-functions Ray's own TensorflowBackend calls, which build each worker's address and TF_CONFIG.
+Four imports below are from Ray's non-public paths, for want of a public API in Ray 2.60: the
+enum that names a backend's framework (Ray Train's state export and dashboard read it), Ray's
+TensorflowTrainer from its defining module (its public home, `ray.train.tensorflow`, is the
+package that imports TensorFlow), and the two functions Ray's own TensorflowBackend calls,
+which build each worker's address and TF_CONFIG.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from dataclasses import dataclass
 import ray
 from ray.train.backend import Backend, BackendConfig
 from ray.train.v2._internal.util import TrainingFramework  # no public home in Ray 2.60
-from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 from ray.train.v2.tensorflow.tensorflow_trainer import TensorflowTrainer as RayTensorflowTrainer
 
 
@@ -39,13 +40,13 @@ class TensorflowConfig(BackendConfig):
 
 
 class TensorflowTrainer(RayTensorflowTrainer):
-    """Ray's TensorflowTrainer, with this module's config: its own `__init__` does only
-    `from ray.train.tensorflow import TensorflowConfig` (3-6 s of TensorFlow import) and
-    then what `DataParallelTrainer.__init__` does, which this calls directly."""
+    """Ray's TensorflowTrainer, with this module's config. Ray's own `__init__` only runs
+    `from ray.train.tensorflow import TensorflowConfig` (3-6 s of TensorFlow import) and then
+    its parent's, DataParallelTrainer's: this calls that one directly."""
 
     def __init__(self, train_loop_per_worker, *, tensorflow_config: TensorflowConfig | None = None, **kwargs):
-        DataParallelTrainer.__init__(self, train_loop_per_worker,
-                                     backend_config=tensorflow_config or TensorflowConfig(), **kwargs)
+        super(RayTensorflowTrainer, self).__init__(train_loop_per_worker,
+                                                   backend_config=tensorflow_config or TensorflowConfig(), **kwargs)
 
 
 class TensorflowBackend(Backend):
