@@ -109,7 +109,7 @@ def make_trainer(cfg: Config, train, val, info: DataInfo, train_loop=None,
 
     from cifar_ray.augment import add_augmentation
     from cifar_ray.quiet import is_quiet
-    from cifar_ray.tf_backend import TensorflowConfig, TensorflowTrainer  # without TensorFlow here
+    from cifar_ray.tf_backend import TensorflowTrainer  # Ray's, with tf_backend's config, without TensorFlow here
 
     workers = cfg.scaling.num_workers
     if training_steps_per_epoch(info.num_train, cfg.train.batch_size, workers) == 0:
@@ -122,7 +122,6 @@ def make_trainer(cfg: Config, train, val, info: DataInfo, train_loop=None,
         train_loop or train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "data_info": asdict(info), "threads": threads,
                            "start_from": start_from},
-        tensorflow_config=TensorflowConfig(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers,
             use_gpu=cfg.scaling.use_gpu,

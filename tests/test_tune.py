@@ -449,9 +449,8 @@ def test_a_pbt_trial_that_cannot_learn_copies_the_one_that_can(pbt_experiment):
                    ["config"]["train"]["lr"] for trial in parts}
     (slow,) = [trial for trial, lr in lr_at_start.items() if lr == 1e-7]
     (fast,) = set(parts) - {slow}
-    on_its_own = parts[slow]["part_1"][0]["val_accuracy"]  # epoch 1 at lr 1e-7: chance or below
-    assert on_its_own < 0.3
-    alone = max(epoch["val_accuracy"] for epoch in parts[slow]["part_1"])
+    alone = max(epoch["val_accuracy"] for epoch in parts[slow]["part_1"])  # epochs 1-2 at lr 1e-7
+    assert alone < 0.3  # chance or below
     # a later part goes on from the fast trial's epoch-2 checkpoint: its history starts as the
     # fast one's, and the epochs after those two are the slow trial's own
     copied = [h for name, h in parts[slow].items() if name != "part_1" and h[:2] == parts[fast]["part_1"][:2]]
@@ -459,8 +458,7 @@ def test_a_pbt_trial_that_cannot_learn_copies_the_one_that_can(pbt_experiment):
     own_after_copy = max(epoch["val_accuracy"] for h in copied for epoch in h[2:])
     rows = {row["trial"]: row for row in best["leaderboard"]}
     # Its best is the best of its own checkpoints (not the copied epochs' scores), and only the
-    # copied weights took it above what it reached alone. (A margin like +0.3 is noise on 60
-    # validation images: the CI run of 12-06 had 0.37 after the copy, from 0.12 alone.)
+    # copied weights took it above what it reached alone (by how much is noise on 60 images).
     assert rows[slow]["best_val_accuracy"] == pytest.approx(own_after_copy, abs=1e-4)
     assert own_after_copy > alone
     assert {r["epochs_run"] for r in rows.values()} == {cfg.train.epochs}
