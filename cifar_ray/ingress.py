@@ -163,13 +163,18 @@ def shut_down(port: int, timeout_s: float) -> None:
 
 
 def ray_going_down(grace_s: float = 0.5) -> bool:
-    """Whether the Ray that this process started (its children gcs_server and raylet) is
-    stopping as well, as under a SIGTERM to the whole process group."""
+    """Whether the Ray that this process started is stopping as well, as under a SIGTERM to
+    the whole process group: one of the processes ray.init started here (gcs_server,
+    raylet, the dashboard, the log monitor, the autoscaler) has ended within `grace_s`.
+
+    Its dashboard and monitors end within that time; gcs_server and the raylet often take
+    longer, and Serve's and Ray's shutdowns then wait on them until their timeouts (10 s).
+    """
     import psutil
 
+    started_here = psutil.Process().children()
     time.sleep(grace_s)  # time for them to act on that signal
-    ray_processes = [p for p in psutil.Process().children(recursive=True)
-                     if p.name() in ("gcs_server", "raylet")]
-    with contextlib.suppress(psutil.Error):
-        return any(p.status() == psutil.STATUS_ZOMBIE or not p.is_running() for p in ray_processes)
-    return True  # one of them went away while being looked at
+    try:
+        return any(p.status() == psutil.STATUS_ZOMBIE for p in started_here)
+    except psutil.NoSuchProcess:  # ended and already reaped
+        return True

@@ -94,6 +94,20 @@ def test_an_haproxy_that_outlived_its_ray_fails_the_app_builder_naming_it(tmp_pa
         haproxy.wait()
 
 
+def test_a_stop_sent_to_the_whole_process_group_is_told_from_one_sent_to_serve_alone():
+    """ingress.ray_going_down, in a Python of its own (this one has children of its own): a
+    process it started that has ended means its Ray is stopping too, and Serve's and Ray's
+    shutdowns would only wait on it."""
+    script = ("import subprocess, sys\n"
+              "from cifar_ray.ingress import ray_going_down\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+              "alone = ray_going_down(grace_s=0.2)\n"
+              "child.terminate()\n"
+              "print(alone, ray_going_down(grace_s=1.0))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["False", "True"], result.stderr[-2000:]
+
+
 def test_cifar_ray_serve_stopped_by_sigterm_leaves_the_port_free_every_time(tmp_path):
     """Two start/stop cycles of `cifar-ray serve` with the HAProxy ingress, each started in
     its own session and stopped with SIGTERM to its process group: up and answering (a
