@@ -2,6 +2,7 @@
 a good run becomes champion, a worse one does not, Serve follows promote and rollback."""
 
 import csv
+import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,9 @@ from cifar_ray.model_registry import Registry, promote, rollback
 from conftest import alter_one_weight, make_images
 
 GATE = RegistryConfig(min_improvement=0.01, max_class_drop=0.05)
+# A registry nobody serves. MLflow would retry it twice with backoff (tracking.client's
+# default, about 4 s); the one-line error is the point here, so it is asked once.
+UNREACHABLE, ASK_ONCE = "http://127.0.0.1:9", ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 
 
 def scores(accuracy: float, **per_class: float) -> Scores:
@@ -134,22 +138,23 @@ def champion(registry: Registry) -> str:
 
 def registry_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cifar_ray.registry", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env={**os.environ, ASK_ONCE[0]: ASK_ONCE[1]})
 
 
 def test_cli_errors_are_one_line_exit_2_and_change_nothing(registry):
     unknown = registry_cli("promote", "9", "--tracking-uri", registry.uri)
     assert unknown.returncode == 2 and unknown.stderr.strip() == "error: cifar10-classifier has no version 9"
-    unreachable = registry_cli("rollback", "--tracking-uri", "http://127.0.0.1:9", timeout=60)
-    assert unreachable.returncode == 2 and unreachable.stderr.startswith("error: registry http://127.0.0.1:9")
+    unreachable = registry_cli("rollback", "--tracking-uri", UNREACHABLE, timeout=60)
+    assert unreachable.returncode == 2 and unreachable.stderr.startswith(f"error: registry {UNREACHABLE}")
     assert len(unreachable.stderr.strip().splitlines()) == 1
     assert champion(registry) == "1" and registry.history() == ["1"]
 
 
-def test_canary_errors_are_one_line_exit_2_and_change_nothing(registry, capsys):
+def test_canary_errors_are_one_line_exit_2_and_change_nothing(registry, capsys, monkeypatch):
     """In this process (the subprocess test above proves the command's own exit path)."""
     from cifar_ray.registry import main
 
+    monkeypatch.setenv(*ASK_ONCE)
     def canary(*args: str) -> tuple[int, str]:
         with pytest.raises(SystemExit) as exit:
             main(["canary", *args])
@@ -161,8 +166,8 @@ def test_canary_errors_are_one_line_exit_2_and_change_nothing(registry, capsys):
                           (store, "error: registry canary: name a version, or use --status or --stop"),
                           (("2", "--percent", "0", *store), "error: --percent must be above 0 and at most 100, not 0.0")):
         assert canary(*args) == (2, message)
-    code, error = canary("2", "--tracking-uri", "http://127.0.0.1:9")
-    assert code == 2 and error.startswith("error: registry http://127.0.0.1:9") and len(error.splitlines()) == 1
+    code, error = canary("2", "--tracking-uri", UNREACHABLE)
+    assert code == 2 and error.startswith(f"error: registry {UNREACHABLE}") and len(error.splitlines()) == 1
     assert registry.canary() is None and champion(registry) == "1"
     main(["canary", "2", *store])
     assert canary("3", *store) == (2, "error: version 2 is already rolling out; end it first with registry "
@@ -479,7 +484,7 @@ def test_serve_config_defaults_to_the_champion_and_a_path_still_works(tmp_path, 
 
 
 def test_an_unreachable_registry_at_the_end_of_training_keeps_the_work_and_says_how_to_register(
-        two_worker_run, tmp_path):
+        two_worker_run, tmp_path, monkeypatch):
     import json
 
     import ray.data
@@ -488,19 +493,20 @@ def test_an_unreachable_registry_at_the_end_of_training_keeps_the_work_and_says_
     from cifar_ray.errors import TrackingUnavailable
     from cifar_ray.lifecycle import Run, finish_run
 
-    cfg = Config().with_overrides({"name": "offline", "tracking_uri": "http://127.0.0.1:9"})
+    monkeypatch.setenv(*ASK_ONCE)
+    cfg = Config().with_overrides({"name": "offline", "tracking_uri": UNREACHABLE})
     info = DataInfo(source="synthetic", num_train=1, num_val=8, mean=(0.5,) * 3, std=(0.2,) * 3)
     checkpoint = tmp_path / "offline" / "epoch_0001"
     shutil.copytree(two_worker_run[1]["best_checkpoint"], checkpoint)
     images, labels = make_images(8, seed=3)
     val = ray.data.from_items([{"image": x, "label": int(y)} for x, y in zip(images, labels)])
     summary = {"run_dir": str(tmp_path / "offline"), "best_checkpoint": str(checkpoint), "best_epoch": 1}
-    run = Run(cfg, "http://127.0.0.1:9", "run-id", None, val, None, info)
+    run = Run(cfg, UNREACHABLE, "run-id", None, val, None, info)
     with pytest.raises(TrackingUnavailable) as error:
         finish_run(run, str(checkpoint), summary, (summary["run_dir"], str(checkpoint)))
     message = str(error.value)
     assert f"checkpoints are kept in {tmp_path / 'offline'}" in message
-    assert f"python -m cifar_ray.registry register {checkpoint} --tracking-uri http://127.0.0.1:9" in message
+    assert f"python -m cifar_ray.registry register {checkpoint} --tracking-uri {UNREACHABLE}" in message
     assert json.loads((tmp_path / "offline" / "summary.json").read_text())["registry"] == {"error": message}
     # The audit needs no registry: the checkpoint carries it, ready to be registered later.
     for folder in (checkpoint, tmp_path / "offline"):
