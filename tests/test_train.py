@@ -212,6 +212,14 @@ def test_ray_trains_controller_and_a_tune_trial_import_no_tensorflow_to_start_a_
     assert result.stdout.decode().strip() == "[]"
 
 
+def test_one_worker_reads_the_validation_split_whole_and_several_split_it(ray_cluster, tmp_path):
+    """Split in one, the validation data cost a coordinator process and 2.1 s a run
+    (benchmarks/val_split.py); the training data is always split (its augmentation then runs
+    outside the training process)."""
+    split = {n: tiny_trainer(tmp_path, num_train=256, num_workers=n).data_config._datasets_to_split for n in (1, 2)}
+    assert split == {1: ["train"], 2: ["train", "val"]}
+
+
 def test_a_batch_larger_than_the_training_split_is_refused_before_any_worker_starts(ray_cluster, tmp_path):
     """An epoch of no step made Keras's logs empty, and every worker failed on it, restart
     after restart (seen in a Tune search that drew batch 256 for 240 images)."""
