@@ -31,9 +31,6 @@ def ray_cluster():
     # No preemption watcher (one more actor process per Ray Train run): this one-node Ray is never
     # drained (benchmarks/run_cpu.py: a smoke run took 0.94x the CPU, 0.96x the time).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # Replicas' custom metrics reach the Prometheus export every second, not every 10 s: the
-    # metrics test waits for them (measured: 14.7 s -> 2.6 s).
-    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
     # With the dashboard, as on a real cluster: without its state API, Ray Train cannot
     # release a finished Tune trial's placement group, and later work waits for CPUs.
     context = ray.init(num_cpus=2, logging_level="WARNING")
