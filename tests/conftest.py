@@ -199,13 +199,20 @@ def unusual_images() -> dict[str, tuple[bytes, np.ndarray]]:
 
 
 @pytest.fixture(scope="session")
-def lifecycle(two_worker_run):
+def lifecycle(two_worker_run, tmp_path_factory):
     """The registry test_registry and test_rollout share: the shared good run (version 1,
-    the first: champion) and a worse run into the same store (version 2), trained on other
-    images with a learning rate too small to learn anything."""
-    from cifar_ray.train import run
+    the first: champion) and a worse model in the same store (version 2): the good one with
+    its output layer zeroed, so that it gives every image the same answer, registered as
+    `registry register` registers a checkpoint made elsewhere. (A second training run made
+    it before, for 18 s of the suite; the end of a training run takes the same gate in
+    two_worker_run, test_train's reruns and test_tune's experiments.)"""
+    from cifar_ray.checkpoint import load_checkpoint, save_checkpoint
+    from cifar_ray.registry import register_checkpoint
 
     cfg, good, _ = two_worker_run
-    worse = run(cfg.with_overrides({"name": "worse", "num_workers": 1, "per_worker_batch_size": None,
-                                    "epochs": 1, "lr": 1e-7, "seed": 5, "synthetic_size": 200}))
-    return cfg, good, worse
+    model, metadata = load_checkpoint(Path(good["best_checkpoint"]), compile=False)
+    *hidden, kernel, bias = model.get_weights()
+    model.set_weights([*hidden, np.zeros_like(kernel), np.zeros_like(bias)])
+    worse = tmp_path_factory.mktemp("worse") / "epoch_0001"
+    save_checkpoint(worse, model, metadata)
+    return cfg, good, {"registry": register_checkpoint(cfg, str(worse))}

@@ -1,5 +1,5 @@
 """The model lifecycle: the gate's decisions, alias moves, the registry CLI, and end to end:
-a good run becomes champion, a worse one does not, Serve follows promote and rollback."""
+a good run becomes champion, a worse version does not, Serve follows promote and rollback."""
 
 import csv
 import os
@@ -195,7 +195,7 @@ def test_a_canary_is_seen_over_only_once_its_outcome_is_written(registry, monkey
 # End to end: training registers, the gate decides, Serve follows
 # ---------------------------------------------------------------------------------------
 
-def test_a_good_run_becomes_champion_and_a_worse_one_does_not(lifecycle):
+def test_a_good_run_becomes_champion_and_a_worse_version_does_not(lifecycle):
     from cifar_ray.tracking import tracking_uri
 
     cfg, good, worse = lifecycle
@@ -203,7 +203,7 @@ def test_a_good_run_becomes_champion_and_a_worse_one_does_not(lifecycle):
     outcome = worse["registry"]
     assert outcome["version"] == "2" and not outcome["promoted"] and outcome["champion"] == "1"
     assert "short of the required" in outcome["reason"]
-    # judged on the champion's images, not on its own (other seed: other synthetic images)
+    # judged on the champion's evaluation set
     assert outcome["eval_set"] == good["registry"]["eval_set"]
     versions = {str(v.version): v for v in Registry(tracking_uri(cfg)).versions()}
     assert versions["2"].tags["gate_decision"] == "not promoted"
