@@ -142,7 +142,7 @@ def make_trainer(cfg: Config, train, val, info: DataInfo, train_loop=None,
         datasets={"train": add_augmentation(shuffle_every_epoch(train), cfg.data.augment,
                                             cfg.data.crop_padding), "val": val},
         # One worker reads the validation split whole: split in one, it cost a coordinator
-        # process and 2.1 s a run (benchmarks/val_split.py). Training data is split always:
+        # process and 2.1 s a run (benchmarks/train_overhead.py). Training data is split always:
         # its coordinator runs the augmentation outside the training process.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train", "val"] if workers > 1 else ["train"]),
     )

@@ -214,8 +214,8 @@ def test_ray_trains_controller_and_a_tune_trial_import_no_tensorflow_to_start_a_
 
 def test_one_worker_reads_the_validation_split_whole_and_several_split_it(ray_cluster, tmp_path):
     """Split in one, the validation data cost a coordinator process and 2.1 s a run
-    (benchmarks/val_split.py); the training data is always split (its augmentation then runs
-    outside the training process)."""
+    (benchmarks/train_overhead.py --baseline split-validation); the training data is always
+    split (its augmentation then runs outside the training process)."""
     split = {n: tiny_trainer(tmp_path, num_train=256, num_workers=n).data_config._datasets_to_split for n in (1, 2)}
     assert split == {1: ["train"], 2: ["train", "val"]}
 
