@@ -2,7 +2,6 @@
 a good run becomes champion, a worse version does not, Serve follows promote and rollback."""
 
 import csv
-import os
 import shutil
 import subprocess
 import sys
@@ -20,9 +19,15 @@ from cifar_ray.model_registry import Registry, promote, rollback
 from conftest import alter_one_weight, make_images
 
 GATE = RegistryConfig(min_improvement=0.01, max_class_drop=0.05)
-# A registry nobody serves. MLflow would retry it twice with backoff (tracking.client's
-# default, about 4 s); the one-line error is the point here, so it is asked once.
-UNREACHABLE, ASK_ONCE = "http://127.0.0.1:9", ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+UNREACHABLE = "http://127.0.0.1:9"  # a registry nobody serves
+
+
+@pytest.fixture
+def ask_once(monkeypatch):
+    """MLflow asks the unreachable registry once, in this process and the commands it starts:
+    tracking.client's default retries twice with backoff (about 4 s), and the one-line error
+    is the point here."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 
 
 def scores(accuracy: float, **per_class: float) -> Scores:
@@ -138,10 +143,10 @@ def champion(registry: Registry) -> str:
 
 def registry_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cifar_ray.registry", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, ASK_ONCE[0]: ASK_ONCE[1]})
+                          timeout=timeout)
 
 
-def test_cli_errors_are_one_line_exit_2_and_change_nothing(registry):
+def test_cli_errors_are_one_line_exit_2_and_change_nothing(registry, ask_once):
     unknown = registry_cli("promote", "9", "--tracking-uri", registry.uri)
     assert unknown.returncode == 2 and unknown.stderr.strip() == "error: cifar10-classifier has no version 9"
     unreachable = registry_cli("rollback", "--tracking-uri", UNREACHABLE, timeout=60)
@@ -150,11 +155,9 @@ def test_cli_errors_are_one_line_exit_2_and_change_nothing(registry):
     assert champion(registry) == "1" and registry.history() == ["1"]
 
 
-def test_canary_errors_are_one_line_exit_2_and_change_nothing(registry, capsys, monkeypatch):
+def test_canary_errors_are_one_line_exit_2_and_change_nothing(registry, capsys, ask_once):
     """In this process (the subprocess test above proves the command's own exit path)."""
     from cifar_ray.registry import main
-
-    monkeypatch.setenv(*ASK_ONCE)
     def canary(*args: str) -> tuple[int, str]:
         with pytest.raises(SystemExit) as exit:
             main(["canary", *args])
@@ -484,7 +487,7 @@ def test_serve_config_defaults_to_the_champion_and_a_path_still_works(tmp_path, 
 
 
 def test_an_unreachable_registry_at_the_end_of_training_keeps_the_work_and_says_how_to_register(
-        two_worker_run, tmp_path, monkeypatch):
+        two_worker_run, tmp_path, ask_once):
     import json
 
     import ray.data
@@ -493,7 +496,6 @@ def test_an_unreachable_registry_at_the_end_of_training_keeps_the_work_and_says_
     from cifar_ray.errors import TrackingUnavailable
     from cifar_ray.lifecycle import Run, finish_run
 
-    monkeypatch.setenv(*ASK_ONCE)
     cfg = Config().with_overrides({"name": "offline", "tracking_uri": UNREACHABLE})
     info = DataInfo(source="synthetic", num_train=1, num_val=8, mean=(0.5,) * 3, std=(0.2,) * 3)
     checkpoint = tmp_path / "offline" / "epoch_0001"
