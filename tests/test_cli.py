@@ -68,7 +68,7 @@ def without_tf_log_level(env: dict) -> dict:
 
 def test_verbose_keeps_tensorflows_start_up_lines():
     """The quiet default is checked where a real stage starts TensorFlow: evaluate, below."""
-    probe = ("import sys\nfrom cifar_ray.cli import parse_args\n"
+    probe = ("from cifar_ray.cli import parse_args\n"
              "parse_args('evaluate', ['--checkpoint', 'c', '--data', 'd', '--verbose'])\n"
              "import keras\nprint('imported', keras.__version__)")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
