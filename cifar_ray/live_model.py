@@ -138,7 +138,7 @@ class LiveModel:
         replica, generation = uuid.uuid4().hex, -1
         while not stop.is_set():
             try:
-                news = rollout.watch.remote(replica, generation, sorted(self.tried)).result(timeout_s=3 * WATCH_S)
+                news = rollout.watch.remote(replica, generation, sorted(self.tried)).result(timeout_s=WATCH_S + 30)
                 self.load_versions(news["load"])
                 if news["generation"] != generation:
                     self.use(Routes(**news["active"]), keep=set(news["load"]))
