@@ -58,7 +58,7 @@ logger = logging.getLogger("ray.serve")
 # `Authorization: Bearer <token>` on the prediction and metadata routes; /healthz stays open.
 TOKEN_ENV = "CIFAR_RAY_API_TOKEN"
 COMPUTE_THREADS = 2  # batches in flight per replica: one computing while the next one forms
-DRIFT_EVERY_S = 5.0  # how often the drift gauges are renewed
+GAUGES_EVERY_S = 1.0  # set again, traffic or not: Ray drops a gauge unset for 2 export intervals (20 s)
 
 PAGE_HTML = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")  # GET /
 api = FastAPI(title="cifar-ray", description="CIFAR-10 image classification")
@@ -98,14 +98,16 @@ class Classifier:
         self.stop = threading.Event()
         self.answers = AnswerOutbox(rollout, self.stop) if rollout is not None else None
         self.drift = DriftWatch()
-        threading.Thread(target=self._watch_drift, name="drift", daemon=True).start()
+        threading.Thread(target=self._renew_gauges, name="gauges", daemon=True).start()
         if self.live.follows_registry and rollout is not None:
             threading.Thread(target=self.live.follow, args=(rollout, self.stop), name="follow-rollout",
                              daemon=True).start()
 
-    def _watch_drift(self) -> None:
-        """The drift gauges of each version this replica answers with, renewed regularly."""
-        while not self.stop.wait(DRIFT_EVERY_S):
+    def _renew_gauges(self) -> None:
+        """The version served (not a candidate: its share is the Rollout's gauge), and drift."""
+        while not self.stop.wait(GAUGES_EVERY_S):
+            if self.live.current is not None:
+                self.metrics.serving(self.live.current.version, self.live.current.metadata["model"])
             for model in {id(m): m for m in (self.live.current, self.live.candidate) if m}.values():
                 self._drift_of(model)
 
@@ -156,7 +158,6 @@ class Classifier:
                         self.answers.add(Answer("", model.version, -1, 0.0, 0.0, error=True))
                 raise
             self.metrics.batch_images.observe(len(images))
-            self.metrics.serving(model.version, model.metadata["model"])
             counts = np.cumsum([len(requests[i].images) for i in mine])[:-1]
             for i, p in zip(mine, np.split(probabilities, counts)):
                 answers[i] = (p, model, requests[i].shadow)
@@ -233,7 +234,6 @@ class Classifier:
         """200 while a model serves (with `warning` when a newer version failed to load)."""
         self._require_ready()
         model = self.live.current
-        self.metrics.serving(model.version, model.metadata["model"])
         health = {"status": "ok", "model": model.metadata["model"], "model_version": model.version,
                   "source": without_paths(self.cfg.checkpoint)}
         return {**health, "warning": without_paths(self.live.error)} if self.live.error else health
@@ -242,8 +242,7 @@ class Classifier:
     async def get_metadata(self, request: Request) -> dict:
         check_token(request, self.token)
         self._require_ready()
-        model = self.live.current
-        m = model.metadata
+        model, m = self.live.current, self.live.current.metadata
         return {"model": m["model"], "model_version": model.version, "source": self.cfg.checkpoint,
                 "registry_error": without_paths(self.live.error) or None, "class_names": m["class_names"],
                 "input_shape": m["input_shape"], "epoch": m["epoch"], "training_metrics": m["metrics"],

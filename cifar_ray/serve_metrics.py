@@ -46,7 +46,6 @@ class ServeMetrics:
         self.drift_alarm = Gauge("cifar_ray_drift_alarm", "1 while the last answers drift from the version's "
                                  "reference", tag_keys=("model_version",))
         self._served: dict | None = None
-        self._renewed = 0.0
 
     def observe(self, stage: str, since: float) -> float:
         """Record the time from `since` (perf_counter) to now in `stage`; returns now."""
@@ -66,19 +65,13 @@ class ServeMetrics:
         self.drift_alarm.set(float(drifting), tags={"model_version": model_version})
 
     def serving(self, model_version: str, model: str) -> None:
-        """Mark the version now served (1) and the one it replaced (0).
-
-        Ray drops a gauge value not set again within its TTL, so this renews it, at most
-        once a second however often it is called.
-        """
+        """Mark the version now served (1) and the one it replaced (0). The replica calls it
+        every second: Ray drops a gauge value not set again within its TTL."""
         tags = {"model_version": model_version, "model": model}
-        now = time.monotonic()
-        if tags == self._served and now - self._renewed < 1.0:
-            return
         if self._served and tags != self._served:
             self.model_version.set(0, tags=dict(self._served))
         self.model_version.set(1, tags=dict(tags))  # copies: Ray adds its own tags to the dict
-        self._served, self._renewed = tags, now
+        self._served = tags
 
 
 class CountAnswers:

@@ -13,6 +13,9 @@ import pytest
 from cifar_ray.config import CLASS_NAMES
 
 
+METRICS_EVERY_MS = 2000
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local 2-CPU Ray for every test that needs it; its address for subprocesses."""
@@ -31,6 +34,9 @@ def ray_cluster():
     # No preemption watcher (one more actor process per Ray Train run): this one-node Ray is never
     # drained (benchmarks/run_cpu.py: a smoke run took 0.94x the CPU, 0.96x the time).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # Metrics exported every 2 s, not 10: test_serve's Prometheus test waits for them. Ray
+    # keeps a gauge for 2 intervals, so that test also proves an idle replica renews its own.
+    os.environ.setdefault("RAY_metrics_report_interval_ms", str(METRICS_EVERY_MS))
     # With the dashboard, as on a real cluster: without its state API, Ray Train cannot
     # release a finished Tune trial's placement group, and later work waits for CPUs.
     context = ray.init(num_cpus=2, logging_level="WARNING")

@@ -5,6 +5,7 @@ import io
 import shutil
 import socket
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import encode, make_images, unusual_images
+from conftest import METRICS_EVERY_MS, encode, make_images, unusual_images
 from cifar_ray.calibration import apply_temperature, temperature_of
 from cifar_ray.checkpoint import load_checkpoint
 
@@ -451,8 +452,6 @@ def test_with_an_api_token_only_requests_that_carry_it_are_answered(endpoint):
 def test_a_client_that_trickles_its_body_gets_a_408_and_its_connection_closed(endpoint):
     """A client declaring 100 kB and sending a byte every 0.2 s gets a 408 after body_timeout_s,
     and the server closes the connection: it is not left reading the trickle."""
-    import time
-
     url, _ = endpoint
     host, port = url.removeprefix("http://").split(":")
     started = time.monotonic()
@@ -493,8 +492,6 @@ def test_slow_clients_cost_normal_requests_nothing_and_are_closed(endpoint):
 def metric_lines(timeout_s: float, done) -> list[str]:
     """This node's `ray_cifar_ray_` lines from Ray's Prometheus export, polled until
     `done(lines)` holds or `timeout_s` passes: replicas report every few seconds."""
-    import time
-
     import ray
 
     port = ray._private.worker.global_worker.node.metrics_export_port
@@ -504,7 +501,7 @@ def metric_lines(timeout_s: float, done) -> list[str]:
         lines = [line for line in text.splitlines() if line.startswith("ray_cifar_ray_")]
         if done(lines) or time.monotonic() > deadline:
             return lines
-        time.sleep(2)
+        time.sleep(0.5)
 
 
 def metric_value(lines: list[str], *parts: str) -> float:
@@ -543,3 +540,6 @@ def test_prometheus_metrics_count_answers_classes_stages_batches_and_the_version
 
     lines = metric_lines(60, done)
     assert done(lines), (grown(lines), [line for line in lines if "model_version{" in line])
+    # No request for longer than Ray keeps a gauge (2 export intervals): the replica renews its own.
+    time.sleep(2 * METRICS_EVERY_MS / 1000 + 1)
+    assert metric_value(metric_lines(0, done), "ray_cifar_ray_model_version{", app) == 1
