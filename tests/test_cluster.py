@@ -67,7 +67,8 @@ def crd_schemas():
         pytest.skip("KUBERAY_CRD_DIR is not set")
     schemas = {}
     for kind, filename in CRD_FILES.items():
-        crd = yaml.safe_load((Path(directory) / filename).read_text())
+        # 3.3 MB of YAML: libyaml's parser reads it 7x faster than PyYAML's own (10.8 s of the suite)
+        crd = yaml.load((Path(directory) / filename).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
         schemas[kind] = strict(version["schema"]["openAPIV3Schema"])
     return schemas
