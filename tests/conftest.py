@@ -36,7 +36,7 @@ def ray_cluster():
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # Metrics exported every 2 s, not 10: test_serve's Prometheus test waits for them. Ray
     # keeps a gauge for 2 intervals, so that test also proves an idle replica renews its own.
-    os.environ.setdefault("RAY_metrics_report_interval_ms", str(METRICS_EVERY_MS))
+    os.environ["RAY_metrics_report_interval_ms"] = str(METRICS_EVERY_MS)
     # With the dashboard, as on a real cluster: without its state API, Ray Train cannot
     # release a finished Tune trial's placement group, and later work waits for CPUs.
     context = ray.init(num_cpus=2, logging_level="WARNING")
