@@ -136,6 +136,7 @@ class LiveModel:
         from cifar_ray.rollout import WATCH_S, Routes
 
         replica, generation = uuid.uuid4().hex, -1
+        # A watch answers within WATCH_S; the 30 s more are for a Rollout replica that is busy.
         while not stop.is_set():
             try:
                 news = rollout.watch.remote(replica, generation, sorted(self.tried)).result(timeout_s=WATCH_S + 30)

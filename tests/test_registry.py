@@ -158,6 +158,7 @@ def test_cli_errors_are_one_line_exit_2_and_change_nothing(registry, ask_once):
 def test_canary_errors_are_one_line_exit_2_and_change_nothing(registry, capsys, ask_once):
     """In this process (the subprocess test above proves the command's own exit path)."""
     from cifar_ray.registry import main
+
     def canary(*args: str) -> tuple[int, str]:
         with pytest.raises(SystemExit) as exit:
             main(["canary", *args])

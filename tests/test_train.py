@@ -79,7 +79,8 @@ def test_reported_validation_metrics_are_global(two_worker_run):
     assert reported["val_accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-6)
     # The loss within 1%: on CPUs with bfloat16 the logits keep 8 bits, and oneDNN picks its
     # kernels by batch size (training's 32 per worker, prediction's own), so the two losses
-    # once came out 0.3% apart in CI. One worker's half of the split scored 9-43% away (five random halves).
+    # once came out 0.3% apart in CI. One worker's half of the split scored 9-43% away (five
+    # random halves).
     assert reported["val_loss"] == pytest.approx(metrics["loss"], rel=1e-2)
 
 
