@@ -1,9 +1,9 @@
-"""Training faults: killed workers, a killed driver, too many failures, unwritable storage.
+"""Training faults: killed workers, a killed driver, a full disk, too many failures, unwritable storage.
 
 Each test runs `python -m cifar_ray.train` as its own driver process on the session's
 Ray cluster and kills real processes with SIGKILL: the training workers, found through
-Ray's state API, or the driver itself (whose rerun then runs in this process). Every wait
-is bounded.
+Ray's state API, or the driver itself (whose reruns then run in this process, the first on
+a disk that fills up). Every wait is bounded.
 """
 
 import csv
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import train_worker_pids
+from conftest import full_disk_loop, train_worker_pids
 
 from cifar_ray.checkpoint import checkpoint_names, load_checkpoint, read_metadata
 
@@ -124,13 +124,23 @@ def test_a_killed_worker_resumes_from_the_registered_checkpoint_and_one_kill_too
     assert metadata["epoch"] >= len(history) and model.count_params() > 0
 
 
-def test_driver_killed_then_rerun_resumes_optimizer_and_schedule(ray_cluster, subprocess_env, storage):
+def test_a_killed_driver_and_a_full_disk_each_leave_a_run_its_rerun_resumes(ray_cluster, subprocess_env, storage,
+                                                                            capsys):
+    """The driver is SIGKILLed after epoch 2's checkpoint. Its rerun (in this process, as
+    `python -m cifar_ray.train` runs it) resumes, then meets a full disk saving epoch 3: one
+    clear error, epochs 1-2 intact, the cut-short folder not counted. The next rerun trains
+    epoch 3 only, its optimizer exactly where an uninterrupted run's would be; one more, with
+    nothing left to train, starts no worker group and registers no second version. (One run
+    for both faults: each run start costs about 12 s of the suite.)"""
     from cifar_ray.cli import build_parser
     from cifar_ray.config import Config
     from cifar_ray.data import training_steps_per_epoch
+    from cifar_ray.errors import TrainingFailed
     from cifar_ray.flags import config_from_args
+    from cifar_ray.model_registry import Registry
     from cifar_ray.models import build_optimizer
     from cifar_ray.run_folder import resolve_run
+    from cifar_ray.tracking import tracking_uri
     from cifar_ray.train import run
 
     args = ["--epochs", "3", "--schedule", "cosine"]  # Adam (the smoke preset's) with a moving LR
@@ -144,26 +154,54 @@ def test_driver_killed_then_rerun_resumes_optimizer_and_schedule(ray_cluster, su
         process.kill()
     wait_for(lambda: not train_worker_pids(ray_cluster), 90, "the dead driver's workers to go")
 
-    # The rerun, as `python -m cifar_ray.train` runs it, in this process: the same flags, and
-    # no second interpreter to start.
-    run(resolve_run(config_from_args(build_parser("train").parse_args(training_flags(storage, "driver", *args)))))
+    # The reruns: the same flags, and no second interpreter to start
+    cfg = resolve_run(config_from_args(build_parser("train").parse_args(training_flags(storage, "driver", *args))))
     run_dir = storage / "driver"
+    with pytest.raises(TrainingFailed) as failed:
+        run(cfg.with_overrides({"max_failures": 0}), train_loop=full_disk_loop(epoch=3))
+    message = str(failed.value)
+    assert "No space left on device" in message, message
+    assert "(latest epoch_0002)" in message and "rerun with --name driver to resume" in message
+    assert (run_dir / "epoch_0003").is_dir() and checkpoint_names(str(run_dir)) == ["epoch_0001", "epoch_0002"]
+    for epoch in ("epoch_0001", "epoch_0002"):
+        assert load_checkpoint(run_dir / epoch)[1]["epoch"] == int(epoch[-1])  # whole: the SHA-256 matches
+    kept = read_metadata(run_dir / "epoch_0002")["history"]
+
+    summary = run(cfg)
     assert history_epochs(run_dir) == [1, 2, 3]
     model, metadata = load_checkpoint(run_dir / "epoch_0003")
-    # It resumed from the last checkpoint Ray Train had recorded: epoch 2, or epoch 1 when
-    # the driver died between epoch 2's upload and its registration. Never from scratch.
-    assert metadata["history"][0] == before[0]
+    # It resumed from the last checkpoint Ray Train had recorded: epoch 2 (or epoch 1 when the
+    # driver died between epoch 2's upload and its registration, and the first rerun trained
+    # epoch 2 again). Never from scratch, and epochs 1-2 were not trained again now.
+    assert metadata["history"][0] == before[0] and metadata["history"][:2] == kept
     assert all(math.isfinite(row["loss"]) for row in metadata["history"])
 
     # the optimizer resumed where it stopped: exactly the planned steps, and the LR of an
     # uninterrupted run at every epoch
-    cfg = Config.from_dict(metadata["config"])
-    steps = training_steps_per_epoch(metadata["data"]["num_train"], cfg.train.batch_size, num_workers=1)
+    saved = Config.from_dict(metadata["config"])
+    steps = training_steps_per_epoch(metadata["data"]["num_train"], saved.train.batch_size, num_workers=1)
     assert int(model.optimizer.iterations) == 3 * steps
-    uninterrupted = build_optimizer(cfg.train, steps)
+    uninterrupted = build_optimizer(saved.train, steps)
     for row in metadata["history"]:
         uninterrupted.iterations.assign(row["epoch"] * steps)
         assert row["lr"] == pytest.approx(float(uninterrupted.learning_rate), rel=1e-5)
+
+    # Once more, with nothing left to train: the run ends without starting a worker group.
+    # (A Tune trial restored after its last epoch re-reports it instead: test_tune's resume
+    # test, when the kill lands that late.) Its best checkpoint, registered already, is not
+    # registered again.
+    trained_at = (run_dir / "epoch_0003" / "model.keras").stat().st_mtime
+    history = (run_dir / "history.csv").read_text()
+    registry = Registry(tracking_uri(cfg))
+    versions = len(registry.versions())
+    capsys.readouterr()
+    again = run(cfg)
+    assert "all 3 epochs of driver are trained already: no worker group starts" in capsys.readouterr().out
+    assert (run_dir / "history.csv").read_text() == history
+    assert (run_dir / "epoch_0003" / "model.keras").stat().st_mtime == trained_at
+    assert again["best_val_accuracy"] == summary["best_val_accuracy"]
+    assert again["registry"]["version"] == summary["registry"]["version"] and not again["registry"]["promoted"]
+    assert len(registry.versions()) == versions
 
 
 def test_unwritable_storage_fails_before_training(ray_cluster, subprocess_env, tmp_path):

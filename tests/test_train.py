@@ -4,23 +4,19 @@ One 2-epoch run on tiny synthetic data is shared by the tests below; each worker
 saves its final weights so the tests can compare them across workers.
 """
 
-from dataclasses import replace
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
-from conftest import full_disk_loop, make_images
+from conftest import make_images
 
-from cifar_ray.checkpoint import checkpoint_names, load_checkpoint, read_metadata
-from cifar_ray.errors import TrainingFailed
-from cifar_ray.model_registry import Registry
-from cifar_ray.tracking import tracking_uri
+from cifar_ray.checkpoint import load_checkpoint, read_metadata
 from cifar_ray.data import load_training_data
 from cifar_ray.evaluate import collect_predictions, predict_dataset
 from cifar_ray.report import compute_metrics
 from cifar_ray.config import PRESETS
-from cifar_ray.train import plan_resources, run
+from cifar_ray.train import plan_resources
 
 
 def test_two_workers_beat_chance(two_worker_run):
@@ -135,47 +131,6 @@ def test_run_folder_has_summary_history_and_curves(two_worker_run):
     assert history[0].startswith("epoch,") and [r.split(",")[0] for r in history[1:]] == ["1", "2"]
     assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run_dir / "summary.json").is_file()
-
-
-def test_a_full_disk_fails_clearly_and_a_rerun_resumes_from_the_last_good_checkpoint(two_worker_run, capsys):
-    """Saving epoch 3 hits a full disk: one clear error, epochs 1-2 intact and the cut-short
-    folder not counted. The rerun with the same name trains epoch 3 only; one more rerun,
-    with nothing left to train, starts no worker group and registers no second version."""
-    cfg, first, _ = two_worker_run
-    run_dir = Path(first["run_dir"])
-    before = (run_dir / "history.csv").read_text().splitlines()
-    three = replace(cfg, train=replace(cfg.train, epochs=3))
-    with pytest.raises(TrainingFailed) as failed:
-        run(three.with_overrides({"max_failures": 0}), train_loop=full_disk_loop(epoch=3))
-    message = str(failed.value)
-    assert "No space left on device" in message, message
-    assert "(latest epoch_0002)" in message and f"rerun with --name {cfg.run.name} to resume" in message
-    assert (run_dir / "epoch_0003").is_dir() and checkpoint_names(str(run_dir)) == ["epoch_0001", "epoch_0002"]
-    for epoch in ("epoch_0001", "epoch_0002"):
-        assert load_checkpoint(run_dir / epoch)[1]["epoch"] == int(epoch[-1])  # whole: the SHA-256 matches
-
-    summary = run(three)
-    after = (run_dir / "history.csv").read_text().splitlines()
-    assert summary["epochs"] == 3
-    assert after[:3] == before  # epochs 1-2 were not trained again
-    assert after[3].split(",")[0] == "3"
-    assert read_metadata(run_dir / "epoch_0003")["epoch"] == 3
-
-    # Once more, with nothing left to train: the run ends without starting a worker group.
-    # (A Tune trial restored after its last epoch re-reports it instead: test_tune's resume
-    # test, when the kill lands that late.) Its best checkpoint, registered already, is not
-    # registered again.
-    trained_at = (run_dir / "epoch_0003" / "model.keras").stat().st_mtime
-    registry = Registry(tracking_uri(cfg))
-    versions = len(registry.versions())
-    capsys.readouterr()
-    again = run(three)
-    assert "all 3 epochs of two-workers are trained already: no worker group starts" in capsys.readouterr().out
-    assert (run_dir / "history.csv").read_text().splitlines() == after
-    assert (run_dir / "epoch_0003" / "model.keras").stat().st_mtime == trained_at
-    assert again["best_val_accuracy"] == summary["best_val_accuracy"]
-    assert again["registry"]["version"] == summary["registry"]["version"] and not again["registry"]["promoted"]
-    assert len(registry.versions()) == versions
 
 
 def tiny_trainer(tmp_path, num_train: int, **overrides):
