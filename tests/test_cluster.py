@@ -164,7 +164,7 @@ def stop_nodes_of(token: str) -> None:
     through the next minute of tests (test_data's took 3x as long)."""
     import psutil
 
-    cluster: dict[int, psutil.Process] = {}
+    cluster: dict[int, psutil.Process] = {}  # kept across scans: a dead raylet's agents are no one's children
 
     def processes() -> list[psutil.Process]:
         for process in psutil.process_iter():
