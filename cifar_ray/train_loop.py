@@ -17,11 +17,11 @@ import warnings
 from pathlib import Path
 
 import keras
-import numpy as np
 
-from cifar_ray.config import CLASS_NAMES, IMAGE_SHAPE, PBT_MUTATIONS, TENSORBOARD_DIR, Config
+from cifar_ray.config import PBT_MUTATIONS, TENSORBOARD_DIR, Config
 from cifar_ray.data import DataInfo, training_steps_per_epoch
 from cifar_ray.progress import format_duration
+from cifar_ray.worker_input import training_input, validation_input
 
 
 def fit_on_this_worker(loop_config: dict, callbacks: tuple = ()) -> keras.Model:
@@ -58,7 +58,8 @@ def fit_on_this_worker(loop_config: dict, callbacks: tuple = ()) -> keras.Model:
         return model
 
     model.fit(
-        training_input(strategy, ray.train.get_dataset_shard("train"), per_worker_batch, steps_per_epoch),
+        training_input(strategy, ray.train.get_dataset_shard("train"), per_worker_batch, steps_per_epoch,
+                       augmented=cfg.data.augment != "none"),
         validation_data=validation_input(strategy, ray.train.get_dataset_shard("val"), per_worker_batch),
         epochs=cfg.train.epochs,
         initial_epoch=len(history),
@@ -159,86 +160,6 @@ def restore_or_build_model(cfg: Config, info: DataInfo, checkpoint, steps_per_ep
         steps_per_execution=cfg.train.steps_per_execution,
     )
     return model, []
-
-
-def training_input(strategy, shard, per_worker_batch: int, steps: int):
-    """The worker's training shard for `fit`: per-worker batches, exactly `steps` of them.
-
-    Keras steps once into the end of an input of unknown length, and that call still moves
-    `optimizer.iterations`, which drives the LR schedule: one step ahead per epoch. A known
-    length stops it there. Batches are per-worker and handed to the strategy as they are
-    (`distribute_datasets_from_function`): TF's rebatching of global batches would hide the
-    count behind a length Keras cannot read.
-    """
-    import tensorflow as tf
-
-    dataset = streamed_dataset(shard, per_worker_batch).apply(tf.data.experimental.assert_cardinality(steps))
-    return strategy.distribute_datasets_from_function(lambda _: dataset)
-
-
-def validation_input(strategy, shard, per_worker_batch: int):
-    """The worker's validation shard, read once (in_memory_dataset), in per-worker batches
-    handed to the strategy as they are: each worker scores its own shard, and Ray's equal
-    split makes the mean of the workers' metrics the metric of the whole split."""
-    dataset = in_memory_dataset(shard, per_worker_batch)
-    return strategy.distribute_datasets_from_function(lambda _: dataset)
-
-
-def streamed_dataset(shard, batch_size: int):
-    """A worker's training shard, streamed from Ray Data every epoch (a new order and new
-    augmentations each time), in full batches shuffled within a 4-batch buffer.
-
-    `to_tf` turns TF's auto-sharding off, so every worker reads its whole shard. The column
-    types are data.py's fixed schema: left to infer them, `to_tf` first runs the whole
-    pipeline, augmentation included, for one row.
-    """
-    import tensorflow as tf
-
-    return for_keras(shard.to_tf(
-        feature_columns="image",
-        label_columns="label",
-        feature_type_spec=tf.TensorSpec((None, *IMAGE_SHAPE), tf.uint8),
-        label_type_spec=tf.TensorSpec((None,), tf.int64),
-        batch_size=batch_size,
-        drop_last=True,
-        local_shuffle_buffer_size=4 * batch_size,
-    ))
-
-
-def in_memory_dataset(shard, batch_size: int):
-    """A worker's validation shard, read once, here, and kept in memory (CIFAR's 5,000
-    images take 15 MB): it is the same every epoch, and a Ray Data pass over it cost about
-    0.4 s of a 5 s epoch (benchmarks/README.md). Auto-sharding is off: the shard is this
-    worker's already."""
-    import tensorflow as tf
-
-    images, labels = read_whole(shard)
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    return for_keras(tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size).with_options(options))
-
-
-def for_keras(dataset):
-    """(uint8 images, one-hot labels), tf.data autotuning off.
-
-    Labels are one-hot because Keras smooths labels only in CategoricalCrossentropy.
-    Autotuning is off as in the per-device pipelines (compat.py, point 3): nothing here is
-    tunable, and its model thread stalled epoch boundaries by 10-80 s.
-    """
-    import tensorflow as tf
-
-    from cifar_ray.compat import without_autotuning
-
-    return without_autotuning(dataset.map(lambda x, y: (x, tf.one_hot(y, len(CLASS_NAMES)))))
-
-
-def read_whole(shard) -> tuple[np.ndarray, np.ndarray]:
-    """(images, labels) of one pass over a Ray Data shard, as numpy arrays."""
-    images, labels = [np.zeros((0, *IMAGE_SHAPE), np.uint8)], [np.zeros(0, np.int64)]
-    for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
-        images.append(batch["image"])
-        labels.append(batch["label"])
-    return np.concatenate(images), np.concatenate(labels)
 
 
 class ReportEpoch(keras.callbacks.Callback):

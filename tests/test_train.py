@@ -252,7 +252,7 @@ def test_global_batch_and_linear_lr_scaling():
 def test_worker_inputs_are_one_hot_batches_without_tf_data_autotuning_and_validation_is_read_once(ray_cluster):
     import ray
 
-    from cifar_ray.train_loop import in_memory_dataset, streamed_dataset
+    from cifar_ray.worker_input import in_memory_dataset, shuffled_in_memory, streamed_dataset
 
     class CountingPasses:
         def __init__(self, shard):
@@ -264,26 +264,34 @@ def test_worker_inputs_are_one_hot_batches_without_tf_data_autotuning_and_valida
 
     images, labels = make_images(10)
     shard = ray.data.from_items([{"image": i, "label": int(l)} for i, l in zip(images, labels)]).iterator()
-    counted = CountingPasses(shard)
-    train, val = streamed_dataset(shard, 4), in_memory_dataset(counted, 4)
+    counted_val, counted_train = CountingPasses(shard), CountingPasses(shard)
+    train, val = streamed_dataset(shard, 4), in_memory_dataset(counted_val, 4)
     assert [x.shape[0] for x, _ in train] == [4, 4]  # drop_last while training
     assert [x.shape[0] for x, _ in val] == [4, 4, 2]
     x, y = map(np.concatenate, zip(*[(x.numpy(), y.numpy()) for x, y in val]))
     assert x.dtype == np.uint8 and sorted(y.argmax(1)) == sorted(labels) and (y.sum(1) == 1).all()
-    assert [b.shape[0] for b, _ in val] == [4, 4, 2] and counted.passes == 1  # every epoch from memory
-    # Autotuning's model thread stalled epoch boundaries by 10-80 s (train_loop.for_keras).
-    assert train.options().autotune.enabled is False and val.options().autotune.enabled is False
+    assert [b.shape[0] for b, _ in val] == [4, 4, 2] and counted_val.passes == 1  # every epoch from memory
+    # Without augmentation, training is read once too, and drawn in a new order each epoch.
+    unaugmented = shuffled_in_memory(counted_train, 4)
+    epochs = [np.concatenate([x.numpy() for x, _ in unaugmented]) for _ in range(6)]
+    pixel_ids = {image.tobytes() for image in images}
+    assert all(e.shape == (8, *images.shape[1:]) and {i.tobytes() for i in e} <= pixel_ids for e in epochs)
+    assert all(len({i.tobytes() for i in e}) == 8 for e in epochs)  # no image twice in an epoch
+    assert len({e.tobytes() for e in epochs}) > 1 and counted_train.passes == 1
+    # Autotuning's model thread stalled epoch boundaries by 10-80 s (worker_input.for_keras).
+    assert all(d.options().autotune.enabled is False for d in (train, val, unaugmented))
 
 
-def test_fit_takes_exactly_the_planned_steps_per_epoch(ray_cluster):
+@pytest.mark.parametrize("augmented", [True, False])
+def test_fit_takes_exactly_the_planned_steps_per_epoch(ray_cluster, augmented):
     """Keras steps once into the end of an input of unknown length and counts that step in
     optimizer.iterations, which drives the LR schedule. The training input has a known
-    length: 2 epochs of 10 images in batches of 4 are 4 steps, not 6."""
+    length, streamed or in memory: 2 epochs of 10 images in batches of 4 are 4 steps, not 6."""
     import ray
     import tensorflow as tf
 
     from cifar_ray.data import training_steps_per_epoch
-    from cifar_ray.train_loop import training_input
+    from cifar_ray.worker_input import training_input
 
     images, labels = make_images(10)
     shard = ray.data.from_items([{"image": i, "label": int(l)} for i, l in zip(images, labels)]).iterator()
@@ -292,7 +300,7 @@ def test_fit_takes_exactly_the_planned_steps_per_epoch(ray_cluster):
     model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(10)])
     model.compile(optimizer="sgd", loss="categorical_crossentropy")
     batches = []
-    model.fit(training_input(strategy, shard, 4, steps), epochs=2, verbose=0,
+    model.fit(training_input(strategy, shard, 4, steps, augmented=augmented), epochs=2, verbose=0,
               callbacks=[keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: batches.append(b))])
     assert steps == 2 and batches == [0, 1, 0, 1]
     assert int(model.optimizer.iterations) == 2 * steps
