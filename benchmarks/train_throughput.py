@@ -5,8 +5,8 @@
     python benchmarks/train_throughput.py --model fast_resnet --batch-size 1024 \
         --data ../shared/data/cifar10/train --limit 10240 --augment crop_flip --workers 0
 
-Same model, data (by default the synthetic source; with --data, the product's split of a
-real source), global batch and validation split on every side. With --augment crop_flip,
+Same model, images (the product's split of the synthetic source, or of --data's real one),
+global batch and validation split on every side. With --augment crop_flip,
 the plain side crops and flips in a tf.data map (num_parallel_calls and prefetch AUTOTUNE,
 as a user without Ray would write it), the Ray side in Ray Data tasks. Sides run interleaved (plain, ray-1, ray-N, plain, ...)
 and each reports steady-state images/s: the median over epochs after the first (which
@@ -87,7 +87,7 @@ def plain_keras(cfg, train: dict, val: dict) -> dict:
         ds = ds.shuffle(4 * cfg.train.batch_size) if training else ds
         if training and cfg.data.augment == "crop_flip":
             ds = ds.map(tf_crop_flip(cfg.data.crop_padding), num_parallel_calls=tf.data.AUTOTUNE)
-        # As in train_loop.for_keras, so neither side stalls at epoch boundaries.
+        # As in worker_input.for_keras, so neither side stalls at epoch boundaries.
         return without_autotuning(ds.batch(cfg.train.batch_size, drop_remainder=training).prefetch(2))
 
     epoch_times = []
@@ -120,12 +120,12 @@ def ray_train(cfg, workers: int) -> dict:
         # The latest checkpoint holds every epoch; Result.metrics_dataframe only the kept ones.
         history = read_metadata(result.checkpoint.path)["history"]
     epoch_times = [m["epoch_time_s"] for m in history]
-    # The product's split holds out the registry's evaluation set: fewer images than the plain side's.
     return {"epoch_times": epoch_times, "startup_s": wall - sum(epoch_times), "images": info.num_train}
 
 
-def real_split(cfg) -> tuple[dict, dict]:
-    """(train, val) arrays of the product's split of cfg's data source."""
+def product_split(cfg) -> tuple[dict, dict]:
+    """(train, val) arrays of the product's split of cfg's data source (real or synthetic): the
+    plain side trains and validates on exactly the images the Ray sides do."""
     from cifar_ray.data import load_training_data
 
     train, val, _, _ = load_training_data(cfg.data, seed=0)
@@ -154,7 +154,7 @@ def steady_rate(run: dict) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="notebook_cnn")
-    parser.add_argument("--images", type=int, default=8192, help="synthetic images (10%% held out)")
+    parser.add_argument("--images", type=int, default=8192, help="synthetic images (split as the product splits them)")
     parser.add_argument("--batch-size", type=int, default=128, help="global batch")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2, help="N for the N-worker side (0: no such side)")
@@ -176,7 +176,7 @@ def main() -> None:
     init_ray()  # as cifar-ray's commands start Ray: idle workers kept, Ray Data's executor paced
     ray.data.DataContext.get_current().enable_progress_bars = False
 
-    train, val = real_split(cfg) if args.data else synthetic_split(args.images, cfg.data.val_fraction)
+    train, val = product_split(cfg)
     split = len(train["label"])
 
     sides = {"plain keras.fit": lambda: plain_keras(cfg, train, val),
@@ -204,7 +204,7 @@ def main() -> None:
     peak = matmul_gflops(compute_dtype)
     plain_runs = [steady_rate(r) for r in results["plain keras.fit"]]
     print(f"\nmodel {args.model}: {flops / 1e6:.0f} MFLOP per training image; {compute_dtype} "
-          f"matmul peak measured {peak:.0f} GFLOP/s; {split} training images on the plain side ({cfg.data.data}, augment "
+          f"matmul peak measured {peak:.0f} GFLOP/s; {split} training images on every side ({cfg.data.data}, augment "
           f"{cfg.data.augment}), global batch {args.batch_size}")
     print("vs plain: the median of each round's ratio (the sides of a round ran back to back)")
     print(f"{'side':<22} {'img/s':>7} {'vs plain':>8} {'start-up s':>10} {'GFLOP/s':>8} {'MFU':>6}")
