@@ -42,10 +42,13 @@ EXAMPLES = """examples:
 
 `cifar-ray <stage> --help` lists a stage's flags. `python -m cifar_ray.<stage>` is the same."""
 
-# For a Ray this process starts: with more workers than CPUs (a laptop), Ray kills an idle
-# task worker after 1 s, and each epoch's first batch waited ~2 s for a new worker process
-# to run its Ray Data task (benchmarks/idle_workers.py). Idle workers live 60 s instead.
-LOCAL_RAY_ENV = {"RAY_idle_worker_killing_time_threshold_ms": "60000"}
+# For a Ray this process starts on one machine:
+# - With more workers than CPUs (a laptop), Ray kills an idle task worker after 1 s, and each
+#   epoch's first batch waited ~2 s for a new worker process to run its Ray Data task
+#   (benchmarks/idle_workers.py). Idle workers live 60 s instead.
+# - No preemption watcher: it waits for a cluster to drain a node, which one machine never
+#   does, and it is one more process per run (benchmarks/run_cpu.py: 0.96x a smoke run's time).
+LOCAL_RAY_ENV = {"RAY_idle_worker_killing_time_threshold_ms": "60000", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 # ---------------------------------------------------------------------------------------

@@ -25,14 +25,12 @@ def ray_cluster():
 
     # Serve as shipped: Ray Serve's HAProxy ingress, read when Ray starts. A replica being
     # replaced keeps its port 1 s instead of 30 (that wait is for outside load balancers).
-    # Idle workers kept as cli.init_ray keeps them (tiny epochs took 2.8 s instead of 0.7 s).
+    # Idle workers kept and no preemption watcher, as cli.init_ray starts a local Ray (tiny
+    # epochs took 2.8 s instead of 0.7 s without the first).
     os.environ.update({**FAST_INGRESS_ENV, **LOCAL_RAY_ENV, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"})
     # Ray Train's controller looks at its workers every 2 s by default: each report, the end
     # of a run and a dead worker wait for that look (measured: kill2 62-64 s -> 53-56 s).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-    # No preemption watcher (one more actor process per Ray Train run): this one-node Ray is never
-    # drained (benchmarks/run_cpu.py: a smoke run took 0.94x the CPU, 0.96x the time).
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # Metrics exported every 2 s, not 10: test_serve's Prometheus test waits for them. Ray
     # keeps a gauge for 2 intervals, so that test also proves an idle replica renews its own.
     os.environ["RAY_metrics_report_interval_ms"] = str(METRICS_EVERY_MS)
