@@ -17,7 +17,7 @@ from cifar_ray.config import CLASS_NAMES, IMAGE_SHAPE
 def training_input(strategy, shard, per_worker_batch: int, steps: int, augmented: bool):
     """The worker's training shard for `fit`: per-worker batches, exactly `steps` of them.
     Streamed from Ray Data every epoch where each epoch brings new augmentations; else read
-    once and reshuffled in memory (shuffled_in_memory).
+    once and reshuffled in memory (in_memory_dataset).
 
     Keras steps once into the end of an input of unknown length, and that call still moves
     `optimizer.iterations`, which drives the LR schedule: one step ahead per epoch. A known
@@ -27,7 +27,10 @@ def training_input(strategy, shard, per_worker_batch: int, steps: int, augmented
     """
     import tensorflow as tf
 
-    dataset = streamed_dataset(shard, per_worker_batch) if augmented else shuffled_in_memory(shard, per_worker_batch)
+    if augmented:
+        dataset = streamed_dataset(shard, per_worker_batch)
+    else:
+        dataset = in_memory_dataset(shard, per_worker_batch, training=True)
     dataset = dataset.apply(tf.data.experimental.assert_cardinality(steps))
     return strategy.distribute_datasets_from_function(lambda _: dataset)
 
@@ -36,7 +39,7 @@ def validation_input(strategy, shard, per_worker_batch: int):
     """The worker's validation shard, read once (in_memory_dataset), in per-worker batches
     handed to the strategy as they are: each worker scores its own shard, and Ray's equal
     split makes the mean of the workers' metrics the metric of the whole split."""
-    dataset = in_memory_dataset(shard, per_worker_batch)
+    dataset = in_memory_dataset(shard, per_worker_batch, training=False)
     return strategy.distribute_datasets_from_function(lambda _: dataset)
 
 
@@ -61,43 +64,27 @@ def streamed_dataset(shard, batch_size: int):
     ))
 
 
-def shuffled_in_memory(shard, batch_size: int):
-    """A worker's training shard without augmentation: read once, kept in memory, and drawn
-    in a new order every epoch, in full batches.
+def in_memory_dataset(shard, batch_size: int, training: bool):
+    """A worker's shard read once, here, and kept in memory. Validation always: its images
+    are the same every epoch (CIFAR's 5,000 take 15 MB), and a Ray Data pass over them cost
+    about 0.4 s of a 5 s epoch. Training without augmentation too: streaming the same images
+    again made the first batch 0.4 s late and steps 15-20% slower (notebook_cnn; both in
+    benchmarks/README.md). Training draws a new order every epoch, in full batches.
 
-    Its images are the same every epoch, so streaming them from Ray Data again only costs
-    time: the first batch came 0.4 s into each epoch and steps ran 15-20% slower beside the
-    stream (notebook_cnn, benchmarks/README.md). The shard itself is fixed from the first
-    epoch (the driver's per-epoch permutation, data.shuffle_every_epoch, makes it a random
-    share of the split), as with tf.data's own sharding. CIFAR's 42,804 training images
-    take 131 MB.
+    A training shard is then fixed from the first epoch (the driver's permutation,
+    data.shuffle_every_epoch, makes it a random share of the split), as with tf.data's own
+    sharding. CIFAR's 42,804 training images take 131 MB. Auto-sharding is off: the shard is
+    this worker's already.
     """
     import tensorflow as tf
 
     images, labels = read_whole(shard)
-    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).shuffle(len(labels), reshuffle_each_iteration=True)
-    return for_keras(dataset.batch(batch_size, drop_remainder=True).with_options(without_auto_sharding()))
-
-
-def in_memory_dataset(shard, batch_size: int):
-    """A worker's validation shard, read once, here, and kept in memory (CIFAR's 5,000
-    images take 15 MB): it is the same every epoch, and a Ray Data pass over it cost about
-    0.4 s of a 5 s epoch (benchmarks/README.md)."""
-    import tensorflow as tf
-
-    images, labels = read_whole(shard)
-    return for_keras(tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size)
-                     .with_options(without_auto_sharding()))
-
-
-def without_auto_sharding():
-    """tf.data options that keep the strategy from sharding a worker's data again: Ray Data's
-    split made it this worker's already."""
-    import tensorflow as tf
-
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels))
+    if training:
+        dataset = dataset.shuffle(len(labels), reshuffle_each_iteration=True)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    return options
+    return for_keras(dataset.batch(batch_size, drop_remainder=training).with_options(options))
 
 
 def for_keras(dataset):

@@ -252,7 +252,7 @@ def test_global_batch_and_linear_lr_scaling():
 def test_worker_inputs_are_one_hot_batches_without_tf_data_autotuning_and_validation_is_read_once(ray_cluster):
     import ray
 
-    from cifar_ray.worker_input import in_memory_dataset, shuffled_in_memory, streamed_dataset
+    from cifar_ray.worker_input import in_memory_dataset, streamed_dataset
 
     class CountingPasses:
         def __init__(self, shard):
@@ -265,14 +265,14 @@ def test_worker_inputs_are_one_hot_batches_without_tf_data_autotuning_and_valida
     images, labels = make_images(10)
     shard = ray.data.from_items([{"image": i, "label": int(l)} for i, l in zip(images, labels)]).iterator()
     counted_val, counted_train = CountingPasses(shard), CountingPasses(shard)
-    train, val = streamed_dataset(shard, 4), in_memory_dataset(counted_val, 4)
+    train, val = streamed_dataset(shard, 4), in_memory_dataset(counted_val, 4, training=False)
     assert [x.shape[0] for x, _ in train] == [4, 4]  # drop_last while training
     assert [x.shape[0] for x, _ in val] == [4, 4, 2]
     x, y = map(np.concatenate, zip(*[(x.numpy(), y.numpy()) for x, y in val]))
     assert x.dtype == np.uint8 and sorted(y.argmax(1)) == sorted(labels) and (y.sum(1) == 1).all()
     assert [b.shape[0] for b, _ in val] == [4, 4, 2] and counted_val.passes == 1  # every epoch from memory
     # Without augmentation, training is read once too, and drawn in a new order each epoch.
-    unaugmented = shuffled_in_memory(counted_train, 4)
+    unaugmented = in_memory_dataset(counted_train, 4, training=True)
     epochs = [np.concatenate([x.numpy() for x, _ in unaugmented]) for _ in range(6)]
     pixel_ids = {image.tobytes() for image in images}
     assert all(e.shape == (8, *images.shape[1:]) and {i.tobytes() for i in e} <= pixel_ids for e in epochs)
