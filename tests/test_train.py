@@ -249,7 +249,7 @@ def test_global_batch_and_linear_lr_scaling():
         with_global_batch(cfg.with_overrides({"num_workers": 2, "steps_per_execution": 4}))
 
 
-def test_worker_inputs_are_one_hot_batches_without_tf_data_autotuning_and_validation_is_read_once(ray_cluster):
+def test_worker_inputs_are_one_hot_batches_without_tf_data_autotuning_and_in_memory_ones_are_read_once(ray_cluster):
     import ray
 
     from cifar_ray.worker_input import in_memory_dataset, streamed_dataset
@@ -274,8 +274,9 @@ def test_worker_inputs_are_one_hot_batches_without_tf_data_autotuning_and_valida
     # Without augmentation, training is read once too, and drawn in a new order each epoch.
     unaugmented = in_memory_dataset(counted_train, 4, training=True)
     epochs = [np.concatenate([x.numpy() for x, _ in unaugmented]) for _ in range(6)]
-    pixel_ids = {image.tobytes() for image in images}
-    assert all(e.shape == (8, *images.shape[1:]) and {i.tobytes() for i in e} <= pixel_ids for e in epochs)
+    label_of = {image.tobytes(): label for image, label in zip(images, labels)}
+    assert all(e.shape == (8, *images.shape[1:]) and {i.tobytes() for i in e} <= label_of.keys() for e in epochs)
+    assert all(label_of[x.tobytes()] == y.argmax() for xs, ys in unaugmented for x, y in zip(xs.numpy(), ys.numpy()))
     assert all(len({i.tobytes() for i in e}) == 8 for e in epochs)  # no image twice in an epoch
     assert len({e.tobytes() for e in epochs}) > 1 and counted_train.passes == 1
     # Autotuning's model thread stalled epoch boundaries by 10-80 s (worker_input.for_keras).
